@@ -1,0 +1,5 @@
+"""Pixels: OME-Zarr reads, the DALI graph, loaders, dataset writers and the CLI.
+
+Imports `sampler`; importing DALI-backed parts without DALI raises an ImportError naming the
+extras to install (`dynaclr-dali[cu12]` or `[cu13]`).
+"""

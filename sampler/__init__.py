@@ -1,0 +1,15 @@
+"""Which cells and which positives: registry, lineage index, tau and positive draws, batch plans.
+
+Pure numpy/pandas on metadata and CSVs; never reads pixels and never imports dali_pipeline.
+"""
+
+from sampler.index import IndexConfig, LineageIndex
+from sampler.plan import BatchPlan, ReadBoxes, make_plan, read_boxes
+from sampler.positives import draw_positives
+from sampler.registry import ChannelSource, Experiment, ExperimentRegistry
+from sampler.tau import sample_tau, tau_weights
+
+__all__ = [
+    "BatchPlan", "ChannelSource", "Experiment", "ExperimentRegistry", "IndexConfig", "LineageIndex",
+    "ReadBoxes", "draw_positives", "make_plan", "read_boxes", "sample_tau", "tau_weights",
+]

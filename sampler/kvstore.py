@@ -1,0 +1,63 @@
+"""Locations as tensorstore kvstores: one way to name local folders and remote stores alike."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import tensorstore as ts
+
+_REMOTE_SCHEMES = ("file://", "http://", "https://", "gs://", "s3://", "memory://")
+
+
+def to_url(path: str | os.PathLike[str]) -> str:
+    """A kvstore URL for a local path or a URL tensorstore understands, ending in '/'."""
+    text = os.fspath(path)
+    if not text.startswith(_REMOTE_SCHEMES):
+        if "://" in text:
+            raise ValueError(
+                f"unsupported location {text!r}: use a local path or one of {', '.join(_REMOTE_SCHEMES)}"
+            )
+        text = "file://" + os.path.abspath(text)
+    return text if text.endswith("/") else text + "/"
+
+
+def join(url: str, *parts: str) -> str:
+    """`url` extended by path components, ending in '/'."""
+    out = url
+    for part in parts:
+        part = part.strip("/")
+        if part:
+            out = out + part + "/"
+    return out
+
+
+def is_local(url: str) -> bool:
+    return url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a file:// URL (no trailing slash)."""
+    if not is_local(url):
+        raise ValueError(f"{url} is not a local path")
+    return url[len("file://") :].rstrip("/") or "/"
+
+
+def read_json(url: str, key: str) -> dict[str, Any] | None:
+    """The JSON document `key` under `url`, or None when it does not exist."""
+    if is_local(url):
+        path = os.path.join(local_path(url), key)
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            raw = f.read()
+    else:
+        result = ts.KvStore.open(url).result().read(key).result()
+        if result.state != "value":
+            return None
+        raw = bytes(result.value)
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{url}{key} is not valid JSON: {err}") from None
