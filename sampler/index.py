@@ -183,14 +183,15 @@ class LineageIndex:
         keep = _borders(raw, fovs, config)
 
         label_ok = np.stack(fov_label_ok)
+        zarr_names = [
+            [registry.zarr_channels[fovs.experiment[f]][exp_channels[fovs.exp[f], c]] if label_ok[f, c] else None
+             for c in range(n_labels)]
+            for f in range(len(fovs))
+        ]
         norm_tables = [
-            fov_norm_table(
-                attrs,
-                [registry.zarr_channels[fovs.experiment[f]][exp_channels[fovs.exp[f], c]] if label_ok[f, c] else None
-                 for c in range(n_labels)],
-                int(fovs["T"][f]), config.norm_level, config.norm_subtrahend, config.norm_divisor,
-            )
-            for f, attrs in enumerate(fov_attrs)
+            fov_norm_table(attrs, names, int(fovs["T"][f]), config.norm_level, config.norm_subtrahend,
+                           config.norm_divisor)
+            for f, (attrs, names) in enumerate(zip(fov_attrs, zarr_names))
         ]
         rows = np.flatnonzero(keep)
         if config.channel_mode == "bag":
@@ -202,7 +203,7 @@ class LineageIndex:
             label = None
         cols = {k: v[rows] for k, v in raw.items()}
         cols["exp"] = fovs.exp.to_numpy()[cols["fov"]].astype(np.int16)
-        norm = _gather_norm(norm_tables, cols, label, n_labels, fovs, labels, config)
+        norm = _gather_norm(norm_tables, cols, label, fovs, labels, zarr_names, config)
 
         lineage = forest["root"][cols["track"]]
         if label is None:
@@ -472,8 +473,9 @@ def _borders(raw: dict[str, np.ndarray], fovs: pd.DataFrame, config: IndexConfig
     return inside & near
 
 
-def _gather_norm(tables, cols, label, n_labels, fovs, labels, config) -> np.ndarray:
+def _gather_norm(tables, cols, label, fovs, labels, zarr_names, config) -> np.ndarray:
     """(N, C, 2) (subtrahend, divisor) per row and output channel; a missing statistic is an error."""
+    n_labels = len(labels)
     sizes = np.array([t.shape[0] * n_labels for t in tables])
     offsets = np.concatenate([[0], np.cumsum(sizes)])[:-1]
     flat = np.concatenate([t.reshape(-1, 2) for t in tables])
@@ -483,12 +485,12 @@ def _gather_norm(tables, cols, label, n_labels, fovs, labels, config) -> np.ndar
     bad = np.isnan(norm).any(axis=2)
     if bad.any():
         r, c = (int(v[0]) for v in np.nonzero(bad))
-        label_name = labels[label[r] if label is not None else c]
         f = int(cols["fov"][r])
+        c = int(label[r]) if label is not None else c
         raise ValueError(
             f"Experiment '{fovs.experiment[f]}', FOV {fovs.fov_name[f]}: normalization statistics "
             f"{config.norm_level}/{config.norm_subtrahend},{config.norm_divisor} missing for channel "
-            f"'{label_name}' at t={cols['t'][r]}. Run the preprocessing that writes 'normalization' "
+            f"'{labels[c]}' (zarr channel '{zarr_names[f][c]}') at t={cols['t'][r]}. Run the preprocessing that writes 'normalization' "
             "attributes, or choose another norm_level (None for no normalization)."
         )
     return norm
@@ -506,14 +508,14 @@ def _tracks_frame(cols, fovs, experiments, forest, labels) -> pd.DataFrame:
     hpi = experiments.start_hpi.to_numpy()[exp_code] + cols["t"] * experiments.interval_minutes.to_numpy()[exp_code] / 60.0
     used_tracks, track_code = np.unique(cols["track"], return_inverse=True)
     frame = {
-        "experiment": pd.Categorical.from_codes(exp_code, experiments.name.astype(str)),
+        "experiment": pd.Categorical.from_codes(exp_code, experiments.name.to_numpy().astype(str)),
         "fov_name": _per_fov_categorical(fovs.fov_name, fov),
         "well": _per_fov_categorical(fovs.well, fov),
         "perturbation": _per_fov_categorical(fovs.perturbation, fov),
         "track_id": cols["track_id"],
         "t": cols["t"].astype(np.int32),
-        "y": cols["y"].astype(np.float32),
-        "x": cols["x"].astype(np.float32),
+        "y": cols["y"],
+        "x": cols["x"],
         "z": cols["z"].astype(np.int32),
         "id": cols["id"],
         "parent_track_id": cols["parent_track_id"],

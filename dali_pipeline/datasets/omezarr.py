@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,21 @@ AXES = [
     {"name": "y", "type": "space"},
     {"name": "x", "type": "space"},
 ]
-STATS = ("mean", "std", "median", "iqr", "min", "max", "p1", "p5", "p95", "p99")
+
+
+@dataclass(frozen=True)
+class EmptyArray:
+    """An array written as metadata only: every chunk is missing and reads as the fill value (0).
+
+    For metadata-only collections (index benchmarks, tests) where pixels are never read.
+    """
+
+    shape: tuple[int, int, int, int, int]
+    dtype: str = "uint16"
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
 
 
 def _write_json(path: str, doc: dict[str, Any]) -> None:
@@ -43,7 +58,7 @@ def _group(folder: str, version: str, ome: dict[str, Any], extra: Mapping[str, A
         _write_json(os.path.join(folder, "zarr.json"), {"zarr_format": 3, "node_type": "group", "attributes": attrs})
 
 
-def _array_spec(folder: str, version: str, data: np.ndarray, chunks, shards) -> dict[str, Any]:
+def _array_spec(folder: str, version: str, data: np.ndarray | EmptyArray, chunks, shards) -> dict[str, Any]:
     url = "file://" + folder
     blosc = {"cname": "zstd", "clevel": 1}
     if version == "0.4":
@@ -51,7 +66,7 @@ def _array_spec(folder: str, version: str, data: np.ndarray, chunks, shards) -> 
             "driver": "zarr",
             "kvstore": url,
             "metadata": {
-                "shape": list(data.shape), "chunks": list(chunks), "dtype": data.dtype.str,
+                "shape": list(data.shape), "chunks": list(chunks), "dtype": np.dtype(data.dtype).str,
                 "compressor": {"id": "blosc", "shuffle": 2, **blosc}, "dimension_separator": "/",
                 "fill_value": 0, "order": "C",
             },
@@ -74,7 +89,7 @@ def _array_spec(folder: str, version: str, data: np.ndarray, chunks, shards) -> 
         "driver": "zarr3",
         "kvstore": url,
         "metadata": {
-            "shape": list(data.shape), "data_type": data.dtype.name,
+            "shape": list(data.shape), "data_type": np.dtype(data.dtype).name,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(grid)}},
             "chunk_key_encoding": {"name": "default"}, "codecs": codecs, "fill_value": 0,
             "dimension_names": [a["name"] for a in AXES],
@@ -85,7 +100,7 @@ def _array_spec(folder: str, version: str, data: np.ndarray, chunks, shards) -> 
 
 def write_plate(
     path: str | os.PathLike[str],
-    fovs: Mapping[str, np.ndarray],
+    fovs: Mapping[str, np.ndarray | EmptyArray],
     channel_names: list[str],
     *,
     version: str = "0.5",
@@ -129,7 +144,8 @@ def write_plate(
             _group(folder, version, ome, (fov_attrs or {}).get(name))
             chunk = chunks or (1, 1, *data.shape[2:])
             store = ts.open(_array_spec(os.path.join(folder, "0"), version, data, chunk, shards)).result()
-            store.write(data).result()
+            if isinstance(data, np.ndarray):
+                store.write(data).result()
         rows = sorted({w.split("/")[0] for w in wells})
         cols = sorted({w.split("/")[1] for w in wells}, key=lambda c: (len(c), c))
         for well, images in wells.items():
