@@ -99,6 +99,10 @@ class LineageIndex:
         self._columns["channel"] = (
             tracks["channel"].to_numpy() if "channel" in tracks else np.zeros(len(tracks), np.int16)
         )
+        self._exp_tau_min = experiments.tau_min.to_numpy().astype(np.int64)
+        self._exp_tau_max = experiments.tau_max.to_numpy().astype(np.int64)
+        self._exp_z_start = experiments.z_start.to_numpy().astype(np.int32)
+        self._tau_offsets = np.arange(int((self._exp_tau_max - self._exp_tau_min).max()) + 1)
         self._build_lookup()
         self.valid = np.flatnonzero(self.valid_mask(config.positive_policy))
 
@@ -227,12 +231,13 @@ class LineageIndex:
         n_groups = int(group.max()) + 1 if len(group) else 0
         first = np.searchsorted(group, np.arange(n_groups + 1))
         self._g_tmin = t[first[:-1]].astype(np.int64)
-        self._g_tmax = t[first[1:] - 1].astype(np.int64)
-        span = self._g_tmax - self._g_tmin + 1
-        self._g_base = np.concatenate([[0], np.cumsum(span)]).astype(np.int64)
+        self._g_span = t[first[1:] - 1].astype(np.int64) - self._g_tmin + 1
+        self._g_base = np.concatenate([[0], np.cumsum(self._g_span)]).astype(np.int64)
         slot = self._g_base[group] + (t - self._g_tmin[group])
         self._row_slot = slot
-        self._slot_start = np.searchsorted(slot, np.arange(self._g_base[-1] + 1)).astype(np.int64)
+        # one extra, empty slot at the end answers every lookup outside a group's time span
+        self._empty_slot = int(self._g_base[-1])
+        self._slot_start = np.searchsorted(slot, np.arange(self._empty_slot + 2)).astype(np.int64)
         tin = self.forest["tin"][self._columns["track"]]
         tout = self.forest["tout"][self._columns["track"]]
         self._row_tin, self._row_tout = tin, tout
@@ -242,23 +247,26 @@ class LineageIndex:
         self._slot_tout_max = running - slot * self._tin_scale
 
     def rows_at(self, group: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[start, stop) row ranges of (group, t) pairs; empty where the group has no row at t."""
-        group = np.asarray(group, dtype=np.int64)
-        t = np.asarray(t, dtype=np.int64)
-        inside = (t >= self._g_tmin[group]) & (t <= self._g_tmax[group])
-        slot = np.where(inside, self._g_base[group] + t - self._g_tmin[group], 0)
-        start = np.where(inside, self._slot_start[slot], 0)
-        stop = np.where(inside, self._slot_start[slot + 1], 0)
-        return start, stop
+        """[start, stop) row ranges of (group, t) pairs (broadcast); empty where the group has no row at t."""
+        offset = t - self._g_tmin[group]
+        inside = (offset >= 0) & (offset < self._g_span[group])
+        slot = np.where(inside, self._g_base[group] + offset, self._empty_slot)
+        return self._slot_start[slot], self._slot_start[slot + 1]
+
+    def tau_range(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(tau_min, tau_max) in frames of each row's experiment."""
+        exp = self._columns["exp"][rows]
+        return self._exp_tau_min[exp], self._exp_tau_max[exp]
 
     def tau_grid(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, K) candidate taus of each row's experiment and a mask of those in range and != 0."""
-        exp = self._columns["exp"][rows]
-        tau_min = self.experiments.tau_min.to_numpy()[exp]
-        tau_max = self.experiments.tau_max.to_numpy()[exp]
-        width = int((self.experiments.tau_max - self.experiments.tau_min).max()) + 1
-        taus = tau_min[:, None] + np.arange(max(width, 1))[None, :]
+        tau_min, tau_max = self.tau_range(rows)
+        taus = tau_min[:, None] + self._tau_offsets[None, :]
         return taus, (taus <= tau_max[:, None]) & (taus != 0)
+
+    def box_z_start(self, rows: np.ndarray) -> np.ndarray:
+        """First Z slice of each row's read box (one window per experiment)."""
+        return self._exp_z_start[self._columns["exp"][rows]]
 
     def valid_mask(self, policy: str) -> np.ndarray:
         """Rows with at least one positive under `policy` ("lineage" or "ancestry") at some tau != 0."""

@@ -61,11 +61,10 @@ class BatchPlan:
 def read_boxes(index: LineageIndex, rows: np.ndarray) -> ReadBoxes:
     """Read boxes of index rows (patch centred on the border-clamped position)."""
     hy, hx = index.config.patch_yx[0] // 2, index.config.patch_yx[1] // 2
-    exp = index.column("exp")[rows]
     return ReadBoxes(
         fov=index.column("fov")[rows].astype(np.int32),
         t=index.column("t")[rows].astype(np.int32),
-        z=index.experiments.z_start.to_numpy()[exp].astype(np.int32),
+        z=index.box_z_start(rows),
         y=(index.column("y_clamp")[rows] - hy).astype(np.int32),
         x=(index.column("x_clamp")[rows] - hx).astype(np.int32),
         channels=index.channel_indices(rows).astype(np.int32),

@@ -24,38 +24,44 @@ def draw_positives(
         return np.empty(0, np.int64), np.empty(0, np.int64)
     if rows.min() < 0 or rows.max() >= len(index):
         raise IndexError(f"anchor rows must lie in [0, {len(index)}), got {rows.min()}..{rows.max()}")
-    taus, allowed = index.tau_grid(rows)
-    width = taus.shape[1]
-    group = index.column("group")[rows]
-    t = index.column("t")[rows].astype(np.int64)
-    start, stop = index.rows_at(np.repeat(group, width), (t[:, None] + taus).ravel())
-    lengths = np.where(allowed.ravel(), stop - start, 0)
-
-    # every candidate of every (anchor, tau) pair, flattened
-    pair = np.repeat(np.arange(n * width), lengths)
-    offsets = np.cumsum(lengths) - lengths
-    cand = start[pair] + (np.arange(len(pair)) - offsets[pair])
-    anchor_of = pair // width
+    tau_min, tau_max = index.tau_range(rows)
+    taus = tau_min[:, None] + np.arange(int((tau_max - tau_min).max()) + 1)
+    start, stop = index.rows_at(index.column("group")[rows][:, None], index.column("t")[rows][:, None] + taus)
+    counts = stop - start
     if index.config.positive_policy == "ancestry":
-        keep = index.related(rows[anchor_of], cand)
+        counts, nth = _related_candidates(index, rows, start, counts)
     else:
-        keep = np.ones(len(cand), dtype=bool)
+        nth = None  # every row of the slot is a candidate: rows start .. stop-1
+    try:
+        tau = sample_tau(tau_min, tau_max, index.config.tau_decay, rng, available=counts > 0)
+    except ValueError:
+        ok = ((counts > 0) & (taus <= tau_max[:, None]) & (taus != 0)).any(axis=1)
+        raise ValueError(
+            f"anchor rows {rows[~ok][:10].tolist()} have no positive under policy "
+            f"'{index.config.positive_policy}': draw anchors from index.valid"
+        ) from None
+    k = tau - tau_min
+    b = np.arange(n)
+    pick = (rng.random(n) * counts[b, k]).astype(np.int64)
+    if nth is None:
+        return start[b, k] + pick, tau
+    return nth(k, pick), tau
+
+
+def _related_candidates(index: LineageIndex, rows: np.ndarray, start: np.ndarray, lengths: np.ndarray):
+    """Counts (B, K) of ancestry-related candidates and a function (k, j) -> the j-th of them."""
+    n, width = lengths.shape
+    flat = lengths.ravel()
+    pair = np.repeat(np.arange(n * width), flat)
+    offsets = np.cumsum(flat) - flat
+    cand = start.ravel()[pair] + (np.arange(len(pair)) - offsets[pair])
+    anchor_of = pair // width
+    keep = index.related(rows[anchor_of], cand)
     counts = np.bincount(pair[keep], minlength=n * width).reshape(n, width)
 
-    if (counts.sum(axis=1) == 0).any():
-        bad = rows[counts.sum(axis=1) == 0]
-        raise ValueError(
-            f"anchor rows {bad[:10].tolist()} have no positive under policy "
-            f"'{index.config.positive_policy}': draw anchors from index.valid"
-        )
-    exp = index.column("exp")[rows]
-    tau = sample_tau(
-        index.experiments.tau_min.to_numpy()[exp], index.experiments.tau_max.to_numpy()[exp],
-        index.config.tau_decay, rng, available=counts > 0,
-    )
-    k = tau - taus[:, 0]
-    pick = np.floor(rng.random(n) * counts[np.arange(n), k]).astype(np.int64)
-    chosen = keep & (pair % width == k[anchor_of])
-    where = np.flatnonzero(chosen)
-    first = np.searchsorted(anchor_of[where], np.arange(n))
-    return cand[where[first + pick]], tau
+    def nth(k: np.ndarray, j: np.ndarray) -> np.ndarray:
+        where = np.flatnonzero(keep & (pair % width == k[anchor_of]))
+        first = np.searchsorted(anchor_of[where], np.arange(n))
+        return cand[where[first + j]]
+
+    return counts, nth

@@ -7,11 +7,9 @@ import numpy as np
 
 def tau_weights(taus: np.ndarray, tau_min: np.ndarray, tau_max: np.ndarray, decay: float) -> np.ndarray:
     """Unnormalised weights exp(-decay * (tau - tau_min) / (tau_max - tau_min)); 1 when the range is one tau."""
-    taus = np.asarray(taus, dtype=np.float64)
     lo = np.asarray(tau_min, dtype=np.float64)[:, None]
-    width = np.asarray(tau_max, dtype=np.float64)[:, None] - lo
-    scaled = np.divide(taus - lo, width, out=np.zeros_like(taus), where=width > 0)
-    return np.exp(-decay * scaled)
+    width = np.maximum(np.asarray(tau_max, dtype=np.float64)[:, None] - lo, 1.0)
+    return np.exp((lo - taus) * (decay / width))
 
 
 def sample_tau(
@@ -28,22 +26,19 @@ def sample_tau(
     """
     tau_min = np.asarray(tau_min, dtype=np.int64)
     tau_max = np.asarray(tau_max, dtype=np.int64)
-    width = int((tau_max - tau_min).max(initial=0)) + 1
-    taus = tau_min[:, None] + np.arange(width)[None, :]
-    allowed = (taus <= tau_max[:, None]) & (taus != 0)
+    taus = tau_min[:, None] + np.arange(int((tau_max - tau_min).max(initial=0)) + 1)
+    weights = tau_weights(taus, tau_min, tau_max, decay)
+    weights *= (taus <= tau_max[:, None]) & (taus != 0)
     if available is not None:
-        allowed &= np.asarray(available, dtype=bool)[:, :width]
-    weights = np.where(allowed, tau_weights(taus, tau_min, tau_max, decay), 0.0)
-    total = weights.sum(axis=1)
-    if (total <= 0).any():
-        row = int(np.flatnonzero(total <= 0)[0])
+        weights *= available[:, : taus.shape[1]]
+    cum = np.cumsum(weights, axis=1)
+    total = cum[:, -1]
+    if not (total > 0).all():
+        row = int(np.flatnonzero(~(total > 0))[0])
         raise ValueError(
             f"no tau to draw for row {row}: range [{tau_min[row]}, {tau_max[row]}] without 0 "
             "has no tau with a candidate"
         )
-    cum = np.cumsum(weights, axis=1)
-    u = rng.random(len(tau_min)) * total
-    k = np.minimum((cum <= u[:, None]).sum(axis=1), width - 1)
-    # guard against float round-off landing on a zero-weight tau at the end of the row
-    k = np.where(allowed[np.arange(len(k)), k], k, np.argmax(np.where(allowed, cum, -1), axis=1))
-    return taus[np.arange(len(k)), k]
+    # u < total strictly, so the first column whose cumulative weight exceeds u has weight > 0
+    u = np.minimum(rng.random(len(total)) * total, np.nextafter(total, 0))
+    return tau_min + (cum <= u[:, None]).sum(axis=1)
