@@ -3,3 +3,7 @@
 Imports `sampler`; importing DALI-backed parts without DALI raises an ImportError naming the
 extras to install (`dynaclr-dali[cu12]` or `[cu13]`).
 """
+
+from dali_pipeline.reader import PatchReader, PatchReadError, Patches, ReadStats, kvstore_reads
+
+__all__ = ["PatchReader", "PatchReadError", "Patches", "ReadStats", "kvstore_reads"]

@@ -134,7 +134,7 @@ class LineageIndex:
             exp_rows.append(
                 dict(name=exp.name, data_path=exp.data_path, tracks_path=exp.tracks_path,
                      interval_minutes=exp.interval_minutes, start_hpi=exp.start_hpi,
-                     tau_min=tau_min, tau_max=tau_max, z_start=z0, z_stop=z1, dtype=dtype.str)
+                     tau_min=tau_min, tau_max=tau_max, z_start=z0, z_stop=z1, storage_dtype=dtype.str)
             )
             names = registry.selected_fovs(exp.name)
             plate = registry.plates[exp.name]
@@ -168,7 +168,9 @@ class LineageIndex:
                 fov_rows.append(
                     dict(exp=e, experiment=exp.name, fov_name=fov.name, well=fov.well,
                          perturbation=exp.perturbation_of(fov.well), url=fov.array.url,
-                         T=T, C=C, Z=Z, Y=Y, X=X, tracks_path=exp.tracks_path)
+                         T=T, C=C, Z=Z, Y=Y, X=X, zarr_format=fov.array.zarr_format,
+                         **{f"chunk_{a}": n for a, n in zip("tczyx", fov.array.chunks)},
+                         tracks_path=exp.tracks_path)
                 )
                 fov_attrs.append(fov.attrs)
                 fov_label_ok.append(ok)
@@ -322,7 +324,7 @@ class LineageIndex:
 
     @property
     def batch_dtype(self) -> np.dtype:
-        return _batch_dtype([np.dtype(d) for d in self.experiments.dtype])
+        return _batch_dtype([np.dtype(d) for d in self.experiments.storage_dtype])
 
     def channel_indices(self, rows: np.ndarray) -> np.ndarray:
         """(B, C) zarr channel indices of rows, in canonical order."""

@@ -10,7 +10,7 @@ from sampler.index import LineageIndex
 from sampler.positives import draw_positives
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ReadBoxes:
     """Where each patch lives: FOV code (row of `index.fovs`), t, box start and channel indices.
 
@@ -29,7 +29,7 @@ class ReadBoxes:
         return len(self.fov)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class BatchPlan:
     """One step: anchors (and, for training, positives), their read boxes and (B, C, 2) normalization.
 

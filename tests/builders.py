@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,12 @@ import pandas as pd
 import yaml
 
 from dali_pipeline.datasets.omezarr import write_plate
+
+
+def pixels(experiment: str, fov: str, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+    """The deterministic pixels written for an FOV: the independent expectation for patch reads."""
+    rng = np.random.default_rng(zlib.crc32(f"{experiment}/{fov}".encode()))
+    return rng.integers(0, 1000, size=shape).astype(dtype)
 
 
 def known_norm(zarr_name: str, t: int) -> tuple[float, float]:
@@ -48,15 +55,16 @@ def make_experiment(
     perturbation_wells: dict[str, list[str]] | None = None,
     with_norm: bool = True,
     plate_attrs: dict[str, Any] | None = None,
+    chunks: tuple[int, ...] | None = None,
+    shards: tuple[int, ...] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
     """Write a plate with one FOV per key of `tracks` and its CSVs; return the YAML entry."""
-    rng = np.random.default_rng(abs(hash(name)) % 2**32)
-    z, y, x = shape
-    fovs = {f: rng.integers(0, 1000, size=(n_t, len(channel_names), z, y, x)).astype(dtype) for f in tracks}
+    fovs = {f: pixels(name, f, (n_t, len(channel_names), *shape), dtype) for f in tracks}
     attrs = {f: norm_attrs(channel_names, n_t) for f in fovs} if with_norm else None
     data_path = root / f"{name}.zarr"
-    write_plate(data_path, fovs, channel_names, version=version, fov_attrs=attrs, plate_attrs=plate_attrs)
+    write_plate(data_path, fovs, channel_names, version=version, fov_attrs=attrs, plate_attrs=plate_attrs,
+                chunks=chunks, shards=shards)
     tracks_path = root / f"{name}_tracks"
     for fov, df in tracks.items():
         folder = tracks_path / fov

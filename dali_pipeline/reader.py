@@ -1,0 +1,258 @@
+"""PatchReader: a BatchPlan's read boxes into contiguous native-dtype (B, C, Z, Y, X) buffers.
+
+All reads of a step (anchors and positives) are issued together through tensorstore, so a chunk
+shared by several boxes is decoded once; the next plans can be kept in flight under a byte budget.
+Stores are opened lazily, read-only, once per process (the reader pickles without them, for
+spawned workers: tensorstore must never be touched before a fork).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorstore as ts
+
+from sampler import BatchPlan, LineageIndex, ReadBoxes
+
+
+def kvstore_reads() -> int:
+    """Reads tensorstore's key-value stores have served in this process (all drivers): chunk fetches.
+
+    A process-wide counter from tensorstore's own metrics; take differences around a run.
+    """
+    total = 0
+    for metric in ts.experimental_collect_matching_metrics("/tensorstore/kvstore/"):
+        if metric["name"].endswith("/read"):
+            total += sum(int(v.get("value", 0)) for v in metric["values"])
+    return total
+
+
+class PatchReadError(RuntimeError):
+    """A read box could not be read (corrupt, truncated or, in strict mode, missing chunk)."""
+
+
+@dataclass
+class ReadStats:
+    """Counters for read amplification: bytes delivered vs chunks decoded (from the chunk grid)."""
+
+    steps: int = 0
+    patches: int = 0
+    bytes_delivered: int = 0
+    chunks_decoded: int = 0
+    bytes_decoded: int = 0
+
+    @property
+    def amplification(self) -> float:
+        """Decoded chunk bytes per delivered byte (1.0 = nothing wasted)."""
+        return self.bytes_decoded / self.bytes_delivered if self.bytes_delivered else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.__dict__, "amplification": self.amplification}
+
+
+@dataclass
+class Patches:
+    """Native-dtype pixels of one plan: `anchor` and (fit) `positive`, each (B, C, Z, Y, X)."""
+
+    plan: BatchPlan
+    anchor: np.ndarray
+    positive: np.ndarray | None = None
+
+
+@dataclass
+class PendingRead:
+    """Reads of one plan in flight; `result()` waits and returns the Patches."""
+
+    reader: "PatchReader"
+    plan: BatchPlan
+    future: ts.Future
+    nbytes: int
+    _views: list = field(repr=False, default_factory=list)
+
+    def result(self) -> Patches:
+        try:
+            data = self.future.result()
+        except Exception as err:  # tensorstore raises ValueError/OSError subclasses
+            self.reader._raise_for_box(self.plan, self._views, err)
+            raise
+        n = len(self.plan)
+        return Patches(self.plan, data[:n], data[n:] if self.plan.fit else None)
+
+
+class PatchReader:
+    """Reads BatchPlans of `index` with one shared tensorstore Context.
+
+    `cache_pool_bytes` bounds tensorstore's chunk cache (0 = no caching, as production uses for
+    random access); `concurrency` bounds its file I/O and decode threads; `strict` makes a missing
+    chunk an error instead of the fill value.
+    """
+
+    def __init__(
+        self,
+        index: LineageIndex,
+        *,
+        cache_pool_bytes: int = 0,
+        concurrency: int | None = None,
+        strict: bool = False,
+    ) -> None:
+        self.index = index
+        self.cache_pool_bytes = cache_pool_bytes
+        self.concurrency = concurrency or max(2, os.cpu_count() or 2)
+        self.strict = strict
+        self.dtype = index.batch_dtype
+        self.stats = ReadStats()
+        self._fovs = index.fovs
+        self._chunks = index.fovs[[f"chunk_{a}" for a in "tczyx"]].to_numpy().astype(np.int64)
+        self._itemsize = np.array([np.dtype(index.experiments.storage_dtype[e]).itemsize for e in index.fovs.exp])
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._context: ts.Context | None = None
+        self._stores: dict[int, ts.TensorStore] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_context"] = None
+        state["_stores"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset()
+
+    # ------------------------------------------------------------------ stores
+    def _store(self, fov: int) -> ts.TensorStore:
+        if self._pid != os.getpid():
+            self._reset()
+        store = self._stores.get(fov)
+        if store is None:
+            if self._context is None:
+                self._context = ts.Context({
+                    "cache_pool": {"total_bytes_limit": int(self.cache_pool_bytes)},
+                    "data_copy_concurrency": {"limit": self.concurrency},
+                    "file_io_concurrency": {"limit": max(4, 4 * self.concurrency)},
+                })
+            row = self._fovs.iloc[fov]
+            spec = {"driver": "zarr" if int(row.zarr_format) == 2 else "zarr3", "kvstore": row.url}
+            if self.strict:
+                spec["fill_missing_data_reads"] = False
+            try:
+                store = ts.open(spec, read=True, open=True, context=self._context).result()
+            except Exception as err:
+                raise PatchReadError(
+                    f"Experiment '{row.experiment}', FOV {row.fov_name}: cannot open {row.url}: {err}"
+                ) from None
+            if store.dtype.numpy_dtype != self.dtype:
+                store = ts.cast(store, self.dtype)
+            self._stores[fov] = store
+        return store
+
+    def _views(self, boxes: ReadBoxes) -> list[ts.TensorStore]:
+        z, y, x = self.index.read_shape
+        return [
+            self._store(f)[t, list(c), z0 : z0 + z, y0 : y0 + y, x0 : x0 + x].translate_to[0]
+            for f, t, z0, y0, x0, c in zip(
+                boxes.fov.tolist(), boxes.t.tolist(), boxes.z.tolist(), boxes.y.tolist(), boxes.x.tolist(),
+                boxes.channels.tolist(),
+            )
+        ]
+
+    # ------------------------------------------------------------------ reading
+    def plan_bytes(self, plan: BatchPlan) -> int:
+        """Bytes of the buffers a plan fills."""
+        per_patch = self.index.n_channels * int(np.prod(self.index.read_shape)) * self.dtype.itemsize
+        return per_patch * len(plan) * (2 if plan.fit else 1)
+
+    def submit(self, plan: BatchPlan) -> PendingRead:
+        """Issue every read of a plan (anchors and positives together) and return at once."""
+        views = self._views(plan.anchor_boxes)
+        if plan.fit:
+            views += self._views(plan.positive_boxes)
+        with ts.Batch() as batch:
+            future = ts.stack(views).read(batch=batch)
+        self._count(plan)
+        return PendingRead(self, plan, future, self.plan_bytes(plan), views)
+
+    def read(self, plan: BatchPlan) -> Patches:
+        """The plan's patches, read now."""
+        return self.submit(plan).result()
+
+    def prefetch(self, plans: Iterable[BatchPlan], depth: int = 2, budget_bytes: int | None = None) -> Iterator[Patches]:
+        """Patches of `plans` in order, keeping up to `depth` further plans in flight.
+
+        In-flight bytes stay within `budget_bytes` (one plan is always allowed, so a budget smaller
+        than a plan degrades to no read-ahead instead of stalling).
+        """
+        pending: deque[PendingRead] = deque()
+        source = iter(plans)
+        exhausted = False
+        while True:
+            while not exhausted and len(pending) <= depth:
+                nxt = next(source, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                in_flight = sum(p.nbytes for p in pending)
+                if pending and budget_bytes is not None and in_flight + self.plan_bytes(nxt) > budget_bytes:
+                    # wait for the oldest before issuing this one
+                    yield pending.popleft().result()
+                pending.append(self.submit(nxt))
+            if not pending:
+                return
+            yield pending.popleft().result()
+
+    # ------------------------------------------------------------------ accounting and errors
+    def _count(self, plan: BatchPlan) -> None:
+        boxes = [plan.anchor_boxes] + ([plan.positive_boxes] if plan.fit else [])
+        chunks = np.unique(np.concatenate([self._chunks_touched(b) for b in boxes]), axis=0)
+        fov = chunks[:, 0]
+        self.stats.steps += 1
+        self.stats.patches += sum(len(b) for b in boxes)
+        self.stats.bytes_delivered += self.plan_bytes(plan)
+        self.stats.chunks_decoded += len(chunks)
+        self.stats.bytes_decoded += int((np.prod(self._chunks[fov], axis=1) * self._itemsize[fov]).sum())
+
+    def _chunks_touched(self, boxes: ReadBoxes) -> np.ndarray:
+        """(n, 6) int64 rows (fov, t, c, z, y, x chunk indices) of every chunk the boxes touch."""
+        z, y, x = self.index.read_shape
+        n_c = boxes.channels.shape[1]
+        start = np.stack(np.broadcast_arrays(
+            boxes.t[:, None], boxes.channels, boxes.z[:, None], boxes.y[:, None], boxes.x[:, None]), axis=-1
+        ).reshape(-1, 5).astype(np.int64)
+        grid = np.repeat(self._chunks[boxes.fov], n_c, axis=0)
+        first = start // grid
+        count = (start + np.array([1, 1, z, y, x]) - 1) // grid - first + 1
+        total = np.prod(count, axis=1)
+        owner = np.repeat(np.arange(len(first)), total)
+        rest = np.arange(len(owner)) - np.repeat(np.cumsum(total) - total, total)
+        out = np.empty((len(owner), 6), dtype=np.int64)
+        out[:, 0] = np.repeat(boxes.fov, n_c)[owner]
+        for axis in range(4, -1, -1):
+            n = count[owner, axis]
+            out[:, 1 + axis] = first[owner, axis] + rest % n
+            rest //= n
+        return out
+
+    def _raise_for_box(self, plan: BatchPlan, views: list, err: Exception) -> None:
+        """Find the first box whose read fails and raise a PatchReadError naming it."""
+        boxes = [("anchor", plan.anchor_boxes)] + ([("positive", plan.positive_boxes)] if plan.fit else [])
+        z, y, x = self.index.read_shape
+        i = 0
+        for role, b in boxes:
+            for j in range(len(b)):
+                try:
+                    views[i].read().result()
+                except Exception as box_err:
+                    row = self._fovs.iloc[int(b.fov[j])]
+                    raise PatchReadError(
+                        f"Experiment '{row.experiment}', FOV {row.fov_name}, t={int(b.t[j])}: {role} box "
+                        f"z[{b.z[j]}:{b.z[j] + z}] y[{b.y[j]}:{b.y[j] + y}] x[{b.x[j]}:{b.x[j] + x}] "
+                        f"channels {b.channels[j].tolist()} failed: {box_err}"
+                    ) from None
+                i += 1
+        raise PatchReadError(f"reading a plan of {len(plan)} anchors failed: {err}") from None
