@@ -5,5 +5,9 @@ extras to install (`dynaclr-dali[cu12]` or `[cu13]`).
 """
 
 from dali_pipeline.reader import PatchReader, PatchReadError, Patches, ReadStats, kvstore_reads
+from dali_pipeline.torch_dataset import MultiExperimentTripletDataset, identity_collate
 
-__all__ = ["PatchReader", "PatchReadError", "Patches", "ReadStats", "kvstore_reads"]
+__all__ = [
+    "MultiExperimentTripletDataset", "PatchReader", "PatchReadError", "Patches", "ReadStats", "identity_collate",
+    "kvstore_reads",
+]

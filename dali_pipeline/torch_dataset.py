@@ -1,0 +1,98 @@
+"""MultiExperimentTripletDataset: the plain PyTorch path (CPU reference for the DALI loader).
+
+It consumes the same BatchPlans as the DALI pipeline, so for one plan both paths return the same
+pixels. Batches come whole from `__getitems__` (a DataLoader passes a plan through its
+batch_sampler and `identity_collate`); data-level parameters come from the index only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dali_pipeline.reader import PatchReader
+from sampler import BatchPlan, LineageIndex, make_plan
+
+META_COLUMNS = ("experiment", "perturbation", "fov_name", "track_id", "global_track_id", "lineage_id", "t",
+                "hours_post_perturbation")
+INDEX_COLUMNS = ("fov_name", "well", "track_id", "t", "id", "parent_track_id", "parent_id", "z", "y", "x",
+                 "experiment", "lineage_id")
+
+
+def identity_collate(batch: Any) -> Any:
+    """The batch as `__getitems__` built it (module level, so spawned workers can pickle it)."""
+    return batch
+
+
+def row_dicts(index: LineageIndex, rows: np.ndarray, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One dict per row of `index.tracks` with the given columns (plus `marker` in bag mode)."""
+    if "marker" in index.tracks:
+        columns = (*columns, "marker")
+    values = [index.tracks[c].to_numpy()[rows].tolist() for c in columns]
+    return [dict(zip(columns, vals)) for vals in zip(*values)]
+
+
+def norm_meta(index: LineageIndex, norm: np.ndarray) -> list[dict[str, dict[str, dict[str, torch.Tensor]]]]:
+    """The reference's per-sample `*_norm_meta`: [{channel_key: {level: {stat: tensor}}}].
+
+    Keys are the canonical labels, or "channel_0" in bag-of-channels mode; the level holds the
+    index's subtrahend and divisor statistics, already resolved for the sample's t.
+    """
+    config = index.config
+    keys = ["channel_0"] if config.channel_mode == "bag" else list(index.labels)
+    level = config.norm_level or "none"
+    values = torch.from_numpy(np.ascontiguousarray(norm))
+    return [
+        {key: {level: {config.norm_subtrahend: values[i, c, 0], config.norm_divisor: values[i, c, 1]}}
+         for c, key in enumerate(keys)}
+        for i in range(len(norm))
+    ]
+
+
+class MultiExperimentTripletDataset(Dataset):
+    """Anchor/positive patches of BatchPlans as CPU tensors in the stores' (promoted) dtype.
+
+    `__getitems__` takes a BatchPlan, or a list of anchor rows for which it builds a plan with its
+    own generator (seeded by `seed`, advanced per call). `fit=False` gives predict batches over
+    every observation. Reader options (cache, concurrency, strict) go to the PatchReader.
+    """
+
+    def __init__(self, index: LineageIndex, fit: bool = True, *, seed: int = 0, **reader_options: Any) -> None:
+        self.index = index
+        self.fit = fit
+        self.reader = PatchReader(index, **reader_options)
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.index.valid) if self.fit else len(self.index)
+
+    def __getitem__(self, i: int) -> Any:
+        raise TypeError(
+            "MultiExperimentTripletDataset reads whole batches: use __getitems__ (a DataLoader with a "
+            "batch_sampler that yields plans and collate_fn=identity_collate does this)"
+        )
+
+    def plan(self, rows: Any) -> BatchPlan:
+        """A plan for a list of anchor rows, drawn with the dataset's own generator."""
+        return make_plan(self.index, np.asarray(rows, dtype=np.int64), self._rng, predict=not self.fit)
+
+    def __getitems__(self, batch: BatchPlan | list[int]) -> dict[str, Any]:
+        plan = batch if isinstance(batch, BatchPlan) else self.plan(batch)
+        if plan.fit != self.fit:
+            raise ValueError(f"a {'training' if plan.fit else 'predict'} plan given to a dataset with fit={self.fit}")
+        patches = self.reader.read(plan)
+        out: dict[str, Any] = {
+            "anchor": torch.from_numpy(patches.anchor),
+            "anchor_norm_meta": norm_meta(self.index, plan.anchor_norm),
+        }
+        if not plan.fit:
+            out["index"] = row_dicts(self.index, plan.anchor_rows, INDEX_COLUMNS)
+            return out
+        out["anchor_meta"] = row_dicts(self.index, plan.anchor_rows, META_COLUMNS)
+        out["positive"] = torch.from_numpy(patches.positive)
+        out["positive_norm_meta"] = norm_meta(self.index, plan.positive_norm)
+        out["positive_meta"] = row_dicts(self.index, plan.positive_rows, META_COLUMNS)
+        return out
