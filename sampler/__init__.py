@@ -3,6 +3,7 @@
 Pure numpy/pandas on metadata and CSVs; never reads pixels and never imports dali_pipeline.
 """
 
+from sampler.epoch import PlanBatchSampler, TripletSampler, step_generator
 from sampler.index import IndexConfig, LineageIndex
 from sampler.plan import BatchPlan, ReadBoxes, make_plan, read_boxes
 from sampler.positives import draw_positives
@@ -11,5 +12,6 @@ from sampler.tau import sample_tau, tau_weights
 
 __all__ = [
     "BatchPlan", "ChannelSource", "Experiment", "ExperimentRegistry", "IndexConfig", "LineageIndex",
-    "ReadBoxes", "draw_positives", "make_plan", "read_boxes", "sample_tau", "tau_weights",
+    "PlanBatchSampler", "ReadBoxes", "TripletSampler", "draw_positives", "make_plan", "read_boxes", "sample_tau",
+    "step_generator", "tau_weights",
 ]

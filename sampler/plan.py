@@ -34,7 +34,8 @@ class BatchPlan:
     """One step: anchors (and, for training, positives), their read boxes and (B, C, 2) normalization.
 
     Predict plans have `positive_rows is None`. `ids` are int64 row numbers of the index: column 0
-    the anchors, column 1 the positives (fit only).
+    the anchors, column 1 the positives (fit only). `labels` holds integer class codes (B,) of the
+    anchors for auxiliary heads, when the sampler was asked for label columns.
     """
 
     anchor_rows: np.ndarray
@@ -44,6 +45,7 @@ class BatchPlan:
     positive_boxes: ReadBoxes | None = None
     positive_norm: np.ndarray | None = None
     tau: np.ndarray | None = None
+    labels: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.anchor_rows)
