@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -39,7 +40,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULT_MARK = "@@RESULT "
-GEN_VERSION = 1  # bump when the generator changes: cached collections are keyed by it
+GEN_VERSION = 3  # bump when the generator changes: cached collections are keyed by it
 
 # generator defaults (recorded in the JSON)
 IMAGE_YX = (2048, 2048)
@@ -92,14 +93,17 @@ def _emit(result: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------- generation
-def _simulate(n_fov: int, fov_exp: "np.ndarray", intervals: list[float], rng) -> dict[str, "np.ndarray"]:
+def _simulate(
+    n_fov: int, fov_exp: "np.ndarray", intervals: list[float], rng, target: int | None = None, density: float = CELLS_PER_FRAME
+) -> dict[str, "np.ndarray"]:
     """Observations of `n_fov` FOVs over N_T frames: a birth (entry) / division / exit process.
 
     Per frame a live cell divides (its track ends, two daughter tracks with parent_track_id start the
     next frame a few pixels apart), leaves (track ends), or moves (persistent random walk). New
-    cells enter at a constant rate (half at a border, half anywhere: tracker restarts). Rates keep
-    ~CELLS_PER_FRAME live cells per FOV. Cells may drift a little outside the image before leaving.
-    Vectorised over all FOVs; one loop over frames.
+    cells enter at a constant rate (a quarter from a border, the rest anywhere: tracker restarts). Rates keep
+    ~`density` live cells per FOV. Cells may drift a little outside the image before leaving.
+    Vectorised over all FOVs; one loop over frames. With `target`, whole lineages are dropped at
+    random until at most `target` rows remain (simulate a little more than needed).
     """
     import numpy as np
 
@@ -108,21 +112,21 @@ def _simulate(n_fov: int, fov_exp: "np.ndarray", intervals: list[float], rng) ->
     interval = np.asarray(intervals, dtype=np.float64)[fov_exp]
     p_div = interval / (CELL_CYCLE_HOURS * 60.0)  # 0.025 at 30 min, 0.0125 at 15 min
     p_leave = p_div + 0.01
-    lam_enter = CELLS_PER_FRAME * (p_leave - p_div)  # steady state = CELLS_PER_FRAME
+    lam_enter = density * (p_leave - p_div)  # steady state = density
     step = 2.5 * np.sqrt(interval / 30.0)  # displacement noise per frame (px)
-    margin = 40.0  # a cell leaves once this far outside the image
+    margin = 8.0  # a cell leaves once this far outside the image (a few rows lie just outside)
 
     def new_cells(fov: np.ndarray, border: bool) -> tuple[np.ndarray, np.ndarray]:
         y = rng.uniform(0, H, len(fov))
         x = rng.uniform(0, W, len(fov))
         if border:
             side = rng.integers(0, 4, len(fov))
-            depth = rng.uniform(-10.0, 30.0, len(fov))
+            depth = rng.uniform(-4.0, 128.0, len(fov))
             y = np.where(side == 0, depth, np.where(side == 1, H - depth, y))
             x = np.where(side == 2, depth, np.where(side == 3, W - depth, x))
         return y, x
 
-    n0 = rng.poisson(CELLS_PER_FRAME, n_fov)
+    n0 = rng.poisson(density, n_fov)
     fov = np.repeat(np.arange(n_fov, dtype=np.int64), n0)
     tid = np.arange(len(fov), dtype=np.int64)
     y, x = new_cells(fov, border=False)
@@ -158,10 +162,10 @@ def _simulate(n_fov: int, fov_exp: "np.ndarray", intervals: list[float], rng) ->
         d_x = np.repeat(x[m], 2) + sign * 6.0 * np.repeat(np.cos(angle), 2)
         d_vy, d_vx = rng.normal(0, 1.0, len(d_fov)), rng.normal(0, 1.0, len(d_fov))
 
-        # entries: Poisson per FOV, half from a border
+        # entries: Poisson per FOV, a quarter from a border
         k = rng.poisson(lam_enter)
         e_fov = np.repeat(np.arange(n_fov, dtype=np.int64), k)
-        at_border = rng.random(len(e_fov)) < 0.5
+        at_border = rng.random(len(e_fov)) < 0.25
         e_y, e_x = new_cells(e_fov, border=False)
         b_y, b_x = new_cells(e_fov, border=True)
         e_y, e_x = np.where(at_border, b_y, e_y), np.where(at_border, b_x, e_x)
@@ -185,6 +189,22 @@ def _simulate(n_fov: int, fov_exp: "np.ndarray", intervals: list[float], rng) ->
     }
     g_fov = np.concatenate(track_fov)
     g_parent = np.concatenate(track_parent)
+    if target is not None and len(obs["t"]) > target:
+        # drop whole lineages (a root and all its descendants), in random order, down to <= target rows
+        root = np.where(g_parent >= 0, g_parent, np.arange(len(g_parent)))
+        while True:
+            nxt = root[root]
+            if np.array_equal(nxt, root):
+                break
+            root = nxt
+        lineage_rows = np.bincount(root[obs["gid"]], minlength=len(root))
+        roots = rng.permutation(np.flatnonzero(g_parent < 0))
+        excess = len(obs["t"]) - target
+        cum = np.cumsum(lineage_rows[roots])
+        drop = np.zeros(len(root), bool)
+        drop[roots[: int(np.searchsorted(cum, excess)) + 1]] = True
+        keep = ~drop[root[obs["gid"]]]
+        obs = {k: v[keep] for k, v in obs.items()}
     # per-FOV track ids 1..k in creation order (global ids are in creation order already)
     order = np.argsort(g_fov, kind="stable")
     fov_start = np.searchsorted(g_fov[order], np.arange(n_fov))
@@ -193,8 +213,10 @@ def _simulate(n_fov: int, fov_exp: "np.ndarray", intervals: list[float], rng) ->
     obs["track_id"] = local[obs["gid"]]
     parent_g = g_parent[obs["gid"]]
     obs["parent_track_id"] = np.where(parent_g >= 0, local[np.maximum(parent_g, 0)], -1)
-    obs["n_tracks"] = len(g_fov)
-    obs["n_divisions"] = int((g_parent >= 0).sum() // 2)
+    present = np.zeros(len(g_fov), bool)
+    present[obs["gid"]] = True
+    obs["n_tracks"] = int(present.sum())
+    obs["n_divisions"] = int((present & (g_parent >= 0)).sum() // 2)
     return obs
 
 
@@ -249,7 +271,9 @@ def generate(size: int, seed: int, folder: Path) -> dict[str, Any]:
     n_fov = max(2, round(size / (N_T * CELLS_PER_FRAME)))
     n_exp = len(EXPERIMENTS)
     fov_exp = np.arange(n_fov) % n_exp
-    obs = _simulate(n_fov, fov_exp, [e[1] for e in EXPERIMENTS], rng)
+    # simulate ~25 % more than asked (small collections fluctuate a lot), then drop lineages down to `size`
+    density = 1.25 * size / (n_fov * N_T)
+    obs = _simulate(n_fov, fov_exp, [e[1] for e in EXPERIMENTS], rng, target=size, density=density)
     t_sim = time.perf_counter() - t0
 
     # rows sorted by (fov, track_id, t), as trackers write them; id = row number within the FOV
@@ -400,13 +424,14 @@ def run_child(mode: str, spec: dict[str, Any], pin_cpu: int | None = None) -> di
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS"):
             env[var] = "1"
         spec = {**spec, "pin_cpu": pin_cpu}
+    load = os.getloadavg()[0]
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_child", mode, json.dumps(spec)],
                           capture_output=True, text=True, env=env)
     lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_MARK)]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise RuntimeError(f"child {mode} failed (exit {proc.returncode}) for {spec}")
-    return json.loads(lines[-1][len(RESULT_MARK):])
+    return {**json.loads(lines[-1][len(RESULT_MARK):]), "loadavg_1min_at_start": load}
 
 
 def child_main(mode: str, spec_json: str) -> None:
@@ -455,6 +480,9 @@ def _machine() -> dict[str, Any]:
                                        text=True, timeout=10).stdout.strip()
         git["dirty"] = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "sampler", "dali_pipeline"],
                                       capture_output=True, text=True, timeout=10).stdout.splitlines()
+        diff = subprocess.run(["git", "-C", str(REPO), "diff", "HEAD", "--", "sampler", "dali_pipeline"],
+                              capture_output=True, timeout=10).stdout
+        git["uncommitted_diff_sha1"] = hashlib.sha1(diff).hexdigest() if diff else None
     except (OSError, subprocess.SubprocessError):
         pass
     return dict(platform=platform.platform(), python=platform.python_version(), processor=cpu_model or platform.processor(),
@@ -642,6 +670,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{profile['text']}")
     print(f"uptime before: {load_before}")
     print(f"uptime after:  {load_after}")
+    starts = [r[m]["loadavg_1min_at_start"] for size in sizes for r in runs[size] for m in ("build", "load", "plan")]
+    loaded = max(starts) > 0.75 * len(usable)
+    if loaded:
+        print(f"WARNING: taken under load: 1-min load average up to {max(starts):.2f} at measurement starts on "
+              f"{len(usable)} usable CPU(s); timings (make_plan especially) are pessimistic and noisy.")
 
     doc = dict(
         benchmark="index_scaling", started=started.isoformat(timespec="seconds"),
@@ -652,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                     generator=dict(version=GEN_VERSION, T=N_T, Z=N_Z, image_yx=list(IMAGE_YX),
                                    cells_per_frame=CELLS_PER_FRAME, cell_cycle_hours=CELL_CYCLE_HOURS,
                                    experiments=[dict(name=n, interval_minutes=i, channels=list(c)) for n, i, c in EXPERIMENTS])),
-        goals=GOALS, goal_report=goals, results=results, table_markdown=table, profile=profile,
+        goals=GOALS, goal_report=goals, under_load=loaded, loadavg_1min_at_starts=starts, results=results, table_markdown=table, profile=profile,
         notes="peak MiB = VmHWM of the measuring process (ru_maxrss also recorded; it inherits the parent's RSS "
               "across fork+exec on Linux). build s = ExperimentRegistry.from_yaml + LineageIndex.build (save apart).",
     )

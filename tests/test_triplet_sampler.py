@@ -405,9 +405,11 @@ def test_label_columns_encode_with_fixed_sorted_classes(index):
     assert s.label_classes["t"].tolist() == sorted(index.tracks.t.unique())
     plan = s.plan(0)
     labels = s.labels(plan)
+    assert plan.labels.keys() == labels.keys()  # the plan carries them to the loaders
     for name, column in (("exp", "experiment"), ("pert", "perturbation"), ("t", "t")):
         assert labels[name].dtype == np.int64 and labels[name].shape == (16,)
         np.testing.assert_array_equal(s.label_classes[name][labels[name]], col(index, column, plan.anchor_rows))
+        np.testing.assert_array_equal(plan.labels[name], labels[name])
     predict = TripletSampler(index, 16, predict=True, label_columns={"exp": "experiment"})
     assert predict.labels(predict.plan(0))["exp"].min() >= 0
 
