@@ -508,9 +508,9 @@ def _gather_norm(tables, cols, label, fovs, labels, zarr_names, config) -> np.nd
 
 def _tracks_frame(cols, fovs, experiments, forest, labels) -> pd.DataFrame:
     """The public observation table: categorical strings plus numeric columns."""
+    prefix = [f"{e}_{f}_" for e, f in zip(experiments.name.to_numpy()[fovs.exp.to_numpy()], fovs.fov_name.tolist())]
     track_strings = np.array(
-        [f"{experiments.name[fovs.exp[f]]}_{fovs.fov_name[f]}_{tid}" for f, tid in zip(forest["fov"], forest["track_id"])],
-        dtype=object,
+        [prefix[f] + str(tid) for f, tid in zip(forest["fov"].tolist(), forest["track_id"].tolist())], dtype=object
     )
     roots, lineage_code = np.unique(forest["root"][cols["track"]], return_inverse=True)
     exp_code = cols["exp"]

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.csv as pacsv
 import tensorstore as ts
 from tqdm.auto import tqdm
@@ -40,7 +41,7 @@ def find_csv(tracks_path: str, fov_name: str) -> tuple[str, bytes]:
 
 
 def parse_tracks(source: str, raw: bytes) -> dict[str, np.ndarray]:
-    """Validated columns of one tracking CSV: ints for ids and t, float64 for coordinates.
+    """Validated columns of one tracking CSV: int64 ids and t, float64 coordinates.
 
     A missing parent (empty, NaN or -1) becomes -1; duplicates of (track_id, t) are an error.
     """
@@ -48,46 +49,56 @@ def parse_tracks(source: str, raw: bytes) -> dict[str, np.ndarray]:
         table = pacsv.read_csv(io.BytesIO(raw))
     except Exception as err:  # pyarrow raises several types for malformed CSV
         raise ValueError(f"{source}: not a readable CSV: {err}") from None
-    df = table.to_pandas()
-    missing = [c for c in REQUIRED if c not in df.columns]
+    missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
-        raise ValueError(f"{source}: missing required columns {missing}; columns are {list(df.columns)}")
-    out: dict[str, np.ndarray] = {}
+        raise ValueError(f"{source}: missing required columns {missing}; columns are {table.column_names}")
+    out = {}
     for col in REQUIRED + OPTIONAL_INT:
-        if col not in df.columns:
-            out[col] = np.full(len(df), MISSING[col], dtype=np.int64)
+        if col not in table.column_names:
+            out[col] = np.full(table.num_rows, MISSING[col], dtype=np.int64)
             continue
-        values = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
-        bad = np.isnan(values) & df[col].notna().to_numpy()
-        if col in REQUIRED:
-            bad |= np.isnan(values)
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise ValueError(
-                f"{source}: column '{col}' has a missing or non-numeric value {df[col].iloc[row]!r} "
-                f"at data row {row + 1}"
-            )
-        if col in ("y", "x"):
-            out[col] = values
-            continue
-        values = np.where(np.isnan(values), MISSING.get(col, -1), values)
-        if not np.all(values == np.round(values)):
-            row = int(np.flatnonzero(values != np.round(values))[0])
-            raise ValueError(f"{source}: column '{col}' must hold integers, got {values[row]} at data row {row + 1}")
-        out[col] = values.astype(np.int64)
+        column = table.column(col)
+        clean = column.null_count == 0 and (
+            pa.types.is_integer(column.type) or (col in ("y", "x") and pa.types.is_floating(column.type))
+        )
+        if clean:
+            out[col] = column.to_numpy().astype(np.float64 if col in ("y", "x") else np.int64)
+        else:
+            out[col] = _parse_slow(source, col, column.to_pandas())
     if (out["t"] < 0).any():
         row = int(np.flatnonzero(out["t"] < 0)[0])
         raise ValueError(f"{source}: negative t {out['t'][row]} at data row {row + 1}")
     out["parent_track_id"] = np.where(out["parent_track_id"] < 0, -1, out["parent_track_id"])
-    key = pd.MultiIndex.from_arrays([out["track_id"], out["t"]])
-    dup = key.duplicated()
-    if dup.any():
-        row = int(np.flatnonzero(dup)[0])
+    order = np.lexsort((out["t"], out["track_id"]))
+    tid, t = out["track_id"][order], out["t"][order]
+    dup = np.flatnonzero((tid[1:] == tid[:-1]) & (t[1:] == t[:-1]))
+    if len(dup):
+        row = int(max(order[dup[0]], order[dup[0] + 1]))
         raise ValueError(
             f"{source}: duplicate (track_id, t) = ({out['track_id'][row]}, {out['t'][row]}) at data row {row + 1}; "
             "a track has one observation per frame"
         )
     return out
+
+
+def _parse_slow(source: str, col: str, values: pd.Series) -> np.ndarray:
+    """One column that is not plainly numeric: NaN-aware conversion with an error naming the row."""
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(numbers) & values.notna().to_numpy()
+    if col in REQUIRED:
+        bad |= np.isnan(numbers)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{source}: column '{col}' has a missing or non-numeric value {values.iloc[row]!r} at data row {row + 1}"
+        )
+    if col in ("y", "x"):
+        return numbers
+    numbers = np.where(np.isnan(numbers), MISSING.get(col, -1), numbers)
+    if not np.all(numbers == np.round(numbers)):
+        row = int(np.flatnonzero(numbers != np.round(numbers))[0])
+        raise ValueError(f"{source}: column '{col}' must hold integers, got {numbers[row]} at data row {row + 1}")
+    return numbers.astype(np.int64)
 
 
 def read_tracks(
