@@ -8,10 +8,10 @@ from sampler.index import IndexConfig, LineageIndex
 from sampler.plan import BatchPlan, ReadBoxes, make_plan, read_boxes
 from sampler.positives import draw_positives
 from sampler.registry import ChannelSource, Experiment, ExperimentRegistry
-from sampler.tau import sample_tau, tau_weights
+from sampler.tau import sample_tau, tau_weight_table
 
 __all__ = [
     "BatchPlan", "ChannelSource", "Experiment", "ExperimentRegistry", "IndexConfig", "LineageIndex",
     "PlanBatchSampler", "ReadBoxes", "TripletSampler", "draw_positives", "make_plan", "read_boxes", "sample_tau",
-    "step_generator", "tau_weights",
+    "step_generator", "tau_weight_table",
 ]

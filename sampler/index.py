@@ -20,9 +20,13 @@ from sampler.lineage import LineageCycleError, build_forest
 from sampler.norm import fov_norm_table
 from sampler.plate import read_fovs
 from sampler.registry import ExperimentRegistry
+from sampler.tau import tau_weight_table
 from sampler.tracks import read_tracks
 
 FORMAT_VERSION = 1
+#: the per-row fields plans read, stored row-major (`LineageIndex.hot_rows`)
+HOT = ("t", "group", "exp", "fov", "y_clamp", "x_clamp", "channel")
+T, GROUP, EXP, FOV, Y_CLAMP, X_CLAMP, CHANNEL = range(len(HOT))
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,7 @@ class LineageIndex:
         tracks: pd.DataFrame,
         norm: np.ndarray,
         forest: dict[str, np.ndarray],
+        valid: np.ndarray | None = None,
     ) -> None:
         self.config = config
         self.labels = labels
@@ -93,18 +98,28 @@ class LineageIndex:
         self.exp_channels = exp_channels
         self.fovs = fovs
         self.tracks = tracks
-        self.norm = norm
         self.forest = forest
-        self._columns = {c: tracks[c].to_numpy() for c in ("exp", "fov", "t", "group", "track", "y_clamp", "x_clamp")}
-        self._columns["channel"] = (
-            tracks["channel"].to_numpy() if "channel" in tracks else np.zeros(len(tracks), np.int16)
-        )
-        self._exp_tau_min = experiments.tau_min.to_numpy().astype(np.int64)
-        self._exp_tau_max = experiments.tau_max.to_numpy().astype(np.int64)
-        self._exp_z_start = experiments.z_start.to_numpy().astype(np.int32)
-        self._tau_offsets = np.arange(int((self._exp_tau_max - self._exp_tau_min).max()) + 1)
+        # the fields every plan reads, row-major so that one gather brings all of a row's fields:
+        # the HOT columns, then the (C, 2) normalization statistics as float32 bits
+        n, n_norm = len(tracks), norm.shape[1] * 2
+        self._hot = np.empty((n, len(HOT) + n_norm), dtype=np.int32)
+        for k, name in enumerate(HOT):
+            if name in tracks:
+                self._hot[:, k] = tracks[name].to_numpy()
+            else:  # "channel" exists in bag-of-channels mode only
+                self._hot[:, k] = 0
+        self._hot[:, len(HOT):] = np.ascontiguousarray(norm, dtype=np.float32).reshape(n, n_norm).view(np.int32)
+        #: (N, C, 2) float32 (subtrahend, divisor) per row and channel: a view into the row-major block
+        self.norm = self._hot[:, len(HOT):].view(np.float32).reshape(n, -1, 2)
+        self._columns = {name: self._hot[:, k] for k, name in enumerate(HOT)}
+        self._columns["track"] = tracks["track"].to_numpy()
+        self.exp_tau_min = experiments.tau_min.to_numpy().astype(np.int64)
+        self.exp_tau_max = experiments.tau_max.to_numpy().astype(np.int64)
+        self.exp_z_start = experiments.z_start.to_numpy().astype(np.int32)
+        #: (E, K) tau weights per experiment, column k for tau_min + k; 0 outside the range and at tau = 0
+        self.tau_table = tau_weight_table(self.exp_tau_min, self.exp_tau_max, config.tau_decay)
         self._build_lookup()
-        self.valid = np.flatnonzero(self.valid_mask(config.positive_policy))
+        self.valid = np.flatnonzero(self.valid_mask(config.positive_policy)) if valid is None else valid
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -232,13 +247,15 @@ class LineageIndex:
         group, t = self._columns["group"], self._columns["t"]
         n_groups = int(group.max()) + 1 if len(group) else 0
         first = np.searchsorted(group, np.arange(n_groups + 1))
-        self._g_tmin = t[first[:-1]].astype(np.int64)
-        self._g_span = t[first[1:] - 1].astype(np.int64) - self._g_tmin + 1
-        self._g_base = np.concatenate([[0], np.cumsum(self._g_span)]).astype(np.int64)
-        slot = self._g_base[group] + (t - self._g_tmin[group])
+        tmin = t[first[:-1]].astype(np.int64)
+        span = t[first[1:] - 1].astype(np.int64) - tmin + 1
+        base = np.concatenate([[0], np.cumsum(span)]).astype(np.int64)
+        #: per group: first t, number of t slots, first slot
+        self._groups = np.stack([tmin, span, base[:-1]], axis=1)
+        slot = base[group] + (t - tmin[group])
         self._row_slot = slot
         # one extra, empty slot at the end answers every lookup outside a group's time span
-        self._empty_slot = int(self._g_base[-1])
+        self._empty_slot = int(base[-1])
         self._slot_start = np.searchsorted(slot, np.arange(self._empty_slot + 2)).astype(np.int64)
         tin = self.forest["tin"][self._columns["track"]]
         tout = self.forest["tout"][self._columns["track"]]
@@ -250,25 +267,25 @@ class LineageIndex:
 
     def rows_at(self, group: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[start, stop) row ranges of (group, t) pairs (broadcast); empty where the group has no row at t."""
-        offset = t - self._g_tmin[group]
-        inside = (offset >= 0) & (offset < self._g_span[group])
-        slot = np.where(inside, self._g_base[group] + offset, self._empty_slot)
+        g = self._groups[group]
+        offset = t - g[..., 0]
+        slot = np.where((offset >= 0) & (offset < g[..., 1]), g[..., 2] + offset, self._empty_slot)
         return self._slot_start[slot], self._slot_start[slot + 1]
 
-    def tau_range(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(tau_min, tau_max) in frames of each row's experiment."""
-        exp = self._columns["exp"][rows]
-        return self._exp_tau_min[exp], self._exp_tau_max[exp]
+    def hot_rows(self, rows: np.ndarray) -> np.ndarray:
+        """(B, len(HOT) + 2C) int32: the fields of `rows` that plans read, in one gather (see `hot_norm`)."""
+        return self._hot[rows]
+
+    @staticmethod
+    def hot_norm(hot: np.ndarray) -> np.ndarray:
+        """(B, C, 2) float32 normalization statistics of gathered hot rows."""
+        return np.ascontiguousarray(hot[:, len(HOT):]).view(np.float32).reshape(len(hot), -1, 2)
 
     def tau_grid(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(B, K) candidate taus of each row's experiment and a mask of those in range and != 0."""
-        tau_min, tau_max = self.tau_range(rows)
-        taus = tau_min[:, None] + self._tau_offsets[None, :]
-        return taus, (taus <= tau_max[:, None]) & (taus != 0)
-
-    def box_z_start(self, rows: np.ndarray) -> np.ndarray:
-        """First Z slice of each row's read box (one window per experiment)."""
-        return self._exp_z_start[self._columns["exp"][rows]]
+        exp = self._columns["exp"][rows]
+        taus = self.exp_tau_min[exp][:, None] + np.arange(self.tau_table.shape[1])
+        return taus, self.tau_table[exp] > 0
 
     def valid_mask(self, policy: str) -> np.ndarray:
         """Rows with at least one positive under `policy` ("lineage" or "ancestry") at some tau != 0."""
@@ -367,7 +384,7 @@ class LineageIndex:
         path = os.fspath(path)
         if os.path.exists(path) and not overwrite:
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-        arrays: dict[str, np.ndarray] = {"norm": self.norm, "exp_channels": self.exp_channels}
+        arrays: dict[str, np.ndarray] = {"norm": self.norm, "exp_channels": self.exp_channels, "valid": self.valid}
         for k, v in self.forest.items():
             arrays[f"forest.{k}"] = v
         for name, frame in (("tracks", self.tracks), ("fovs", self.fovs), ("experiments", self.experiments)):
@@ -417,7 +434,7 @@ class LineageIndex:
             frames[name] = pd.DataFrame(data)
         forest = {k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith("forest.")}
         return cls(config, meta["labels"], frames["experiments"], arrays["exp_channels"], frames["fovs"],
-                   frames["tracks"], arrays["norm"], forest)
+                   frames["tracks"], arrays["norm"], forest, valid=arrays["valid"])
 
     def with_policy(self, policy: str) -> "LineageIndex":
         """The same index under another positive policy (shares all arrays)."""

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sampler.index import LineageIndex
-from sampler.positives import draw_positives
+from sampler.index import CHANNEL, EXP, FOV, T, X_CLAMP, Y_CLAMP, LineageIndex
+from sampler.positives import positives_of
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,14 +62,19 @@ class BatchPlan:
 
 def read_boxes(index: LineageIndex, rows: np.ndarray) -> ReadBoxes:
     """Read boxes of index rows (patch centred on the border-clamped position)."""
+    return _boxes(index, index.hot_rows(np.asarray(rows, dtype=np.int64)))
+
+
+def _boxes(index: LineageIndex, hot: np.ndarray) -> ReadBoxes:
     hy, hx = index.config.patch_yx[0] // 2, index.config.patch_yx[1] // 2
+    exp = hot[:, EXP]
+    if index.config.channel_mode == "bag":
+        channels = hot[:, CHANNEL, None].copy()
+    else:
+        channels = index.exp_channels[exp]
     return ReadBoxes(
-        fov=index.column("fov")[rows].astype(np.int32),
-        t=index.column("t")[rows].astype(np.int32),
-        z=index.box_z_start(rows),
-        y=(index.column("y_clamp")[rows] - hy).astype(np.int32),
-        x=(index.column("x_clamp")[rows] - hx).astype(np.int32),
-        channels=index.channel_indices(rows).astype(np.int32),
+        fov=hot[:, FOV].copy(), t=hot[:, T].copy(), z=index.exp_z_start[exp],
+        y=hot[:, Y_CLAMP] - hy, x=hot[:, X_CLAMP] - hx, channels=channels,
     )
 
 
@@ -78,16 +83,20 @@ def make_plan(
 ) -> BatchPlan:
     """The plan for anchor rows: positives drawn with `rng` (fit), or none at all (`predict=True`)."""
     rows = np.asarray(anchor_rows, dtype=np.int64)
-    anchor = dict(anchor_rows=rows, anchor_boxes=read_boxes(index, rows), anchor_norm=index.norm[rows])
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(index)):
+        raise IndexError(f"anchor rows must lie in [0, {len(index)}), got {rows.min()}..{rows.max()}")
+    hot = index.hot_rows(rows)
+    anchor = dict(anchor_rows=rows, anchor_boxes=_boxes(index, hot), anchor_norm=index.hot_norm(hot))
     if predict:
         return BatchPlan(**anchor)
     if rng is None:
         raise ValueError("a training plan needs a generator (rng) to draw positives; pass predict=True for none")
-    positive, tau = draw_positives(index, rows, rng)
+    positive, tau = positives_of(index, rows, hot, rng)
+    positive_hot = index.hot_rows(positive)
     return BatchPlan(
         **anchor,
         positive_rows=positive,
-        positive_boxes=read_boxes(index, positive),
-        positive_norm=index.norm[positive],
+        positive_boxes=_boxes(index, positive_hot),
+        positive_norm=index.hot_norm(positive_hot),
         tau=tau.astype(np.int32),
     )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sampler.index import LineageIndex
-from sampler.tau import sample_tau
+from sampler.index import EXP, GROUP, T, LineageIndex
+from sampler.tau import NoTauError, draw_tau_column
 
 
 def draw_positives(
@@ -19,33 +19,39 @@ def draw_positives(
     then one candidate uniformly.
     """
     rows = np.asarray(anchor_rows, dtype=np.int64)
+    if len(rows) and (rows.min() < 0 or rows.max() >= len(index)):
+        raise IndexError(f"anchor rows must lie in [0, {len(index)}), got {rows.min()}..{rows.max()}")
+    return positives_of(index, rows, index.hot_rows(rows), rng)
+
+
+def positives_of(
+    index: LineageIndex, rows: np.ndarray, hot: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """`draw_positives` for rows whose hot fields (`index.hot_rows(rows)`) are already gathered."""
     n = len(rows)
     if n == 0:
         return np.empty(0, np.int64), np.empty(0, np.int64)
-    if rows.min() < 0 or rows.max() >= len(index):
-        raise IndexError(f"anchor rows must lie in [0, {len(index)}), got {rows.min()}..{rows.max()}")
-    tau_min, tau_max = index.tau_range(rows)
-    taus = tau_min[:, None] + np.arange(int((tau_max - tau_min).max()) + 1)
-    start, stop = index.rows_at(index.column("group")[rows][:, None], index.column("t")[rows][:, None] + taus)
+    exp = hot[:, EXP]
+    tau_min = index.exp_tau_min[exp]
+    weights = index.tau_table[exp]
+    taus = tau_min[:, None] + np.arange(weights.shape[1])
+    start, stop = index.rows_at(hot[:, GROUP, None], hot[:, T, None] + taus)
     counts = stop - start
     if index.config.positive_policy == "ancestry":
         counts, nth = _related_candidates(index, rows, start, counts)
     else:
         nth = None  # every row of the slot is a candidate: rows start .. stop-1
     try:
-        tau = sample_tau(tau_min, tau_max, index.config.tau_decay, rng, available=counts > 0)
-    except ValueError:
-        ok = ((counts > 0) & (taus <= tau_max[:, None]) & (taus != 0)).any(axis=1)
+        k = draw_tau_column(weights * (counts > 0), rng)
+    except NoTauError as err:
         raise ValueError(
-            f"anchor rows {rows[~ok][:10].tolist()} have no positive under policy "
+            f"anchor rows {rows[err.rows][:10].tolist()} have no positive under policy "
             f"'{index.config.positive_policy}': draw anchors from index.valid"
         ) from None
-    k = tau - tau_min
     b = np.arange(n)
     pick = (rng.random(n) * counts[b, k]).astype(np.int64)
-    if nth is None:
-        return start[b, k] + pick, tau
-    return nth(k, pick), tau
+    positive = start[b, k] + pick if nth is None else nth(k, pick)
+    return positive, tau_min + k
 
 
 def _related_candidates(index: LineageIndex, rows: np.ndarray, start: np.ndarray, lengths: np.ndarray):

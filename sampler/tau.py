@@ -2,14 +2,52 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 
-def tau_weights(taus: np.ndarray, tau_min: np.ndarray, tau_max: np.ndarray, decay: float) -> np.ndarray:
-    """Unnormalised weights exp(-decay * (tau - tau_min) / (tau_max - tau_min)); 1 when the range is one tau."""
-    lo = np.asarray(tau_min, dtype=np.float64)[:, None]
-    width = np.maximum(np.asarray(tau_max, dtype=np.float64)[:, None] - lo, 1.0)
-    return np.exp((lo - taus) * (decay / width))
+class NoTauError(ValueError):
+    """Rows without any tau to draw (every weight zero); `rows` holds their positions."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+        super().__init__(f"no tau to draw for rows {rows[:10].tolist()}: no tau != 0 in range has a candidate")
+
+
+def tau_weight_table(tau_min: np.ndarray, tau_max: np.ndarray, decay: float) -> np.ndarray:
+    """(n, K) weights exp(-decay * (tau - tau_min) / (tau_max - tau_min)), column k for tau_min + k.
+
+    Zero beyond tau_max and at tau = 0 (never drawn); 1 for a range of one tau. Not normalised.
+    """
+    tau_min = np.asarray(tau_min, dtype=np.int64)
+    tau_max = np.asarray(tau_max, dtype=np.int64)
+    width = np.maximum(tau_max - tau_min, 1).astype(np.float64)[:, None]
+    offsets = np.arange(int((tau_max - tau_min).max(initial=0)) + 1)
+    taus = tau_min[:, None] + offsets
+    weights = np.exp(-decay * offsets / width)
+    return weights * ((taus <= tau_max[:, None]) & (taus != 0))
+
+
+@functools.lru_cache(maxsize=8)
+def _upper_ones(k: int) -> np.ndarray:
+    """(k, k) upper-triangular ones: `w @ it` is the row-wise cumulative sum of w (fast for small k)."""
+    return np.triu(np.ones((k, k)))
+
+
+def draw_tau_column(weights: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per row, a column k drawn with probability weights[k] / sum(weights) (the weights renormalised).
+
+    Raises NoTauError for rows whose weights are all zero.
+    """
+    cum = weights @ _upper_ones(weights.shape[1])
+    total = cum[:, -1]
+    if not (total > 0).all():
+        raise NoTauError(np.flatnonzero(~(total > 0)))
+    # u < total strictly (the factor absorbs rounding), so the first column whose cumulative weight
+    # exceeds u exists and has weight > 0
+    u = rng.random(len(total)) * (total * (1.0 - 2.0**-52))
+    return np.argmax(cum > u[:, None], axis=1)
 
 
 def sample_tau(
@@ -24,21 +62,7 @@ def sample_tau(
     tau = 0 is never drawn; `available` (B, K), column k standing for tau_min + k, removes the taus
     without a candidate; the remaining weights are renormalised. A row with nothing left is an error.
     """
-    tau_min = np.asarray(tau_min, dtype=np.int64)
-    tau_max = np.asarray(tau_max, dtype=np.int64)
-    taus = tau_min[:, None] + np.arange(int((tau_max - tau_min).max(initial=0)) + 1)
-    weights = tau_weights(taus, tau_min, tau_max, decay)
-    weights *= (taus <= tau_max[:, None]) & (taus != 0)
+    weights = tau_weight_table(tau_min, tau_max, decay)
     if available is not None:
-        weights *= available[:, : taus.shape[1]]
-    cum = np.cumsum(weights, axis=1)
-    total = cum[:, -1]
-    if not (total > 0).all():
-        row = int(np.flatnonzero(~(total > 0))[0])
-        raise ValueError(
-            f"no tau to draw for row {row}: range [{tau_min[row]}, {tau_max[row]}] without 0 "
-            "has no tau with a candidate"
-        )
-    # u < total strictly, so the first column whose cumulative weight exceeds u has weight > 0
-    u = np.minimum(rng.random(len(total)) * total, np.nextafter(total, 0))
-    return tau_min + (cum <= u[:, None]).sum(axis=1)
+        weights = weights * available[:, : weights.shape[1]]
+    return np.asarray(tau_min, dtype=np.int64) + draw_tau_column(weights, rng)
