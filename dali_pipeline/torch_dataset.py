@@ -13,43 +13,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dali_pipeline.meta import INDEX_COLUMNS, META_COLUMNS, reference_norm_meta, row_meta
 from dali_pipeline.reader import PatchReader
 from sampler import BatchPlan, LineageIndex, make_plan
-
-META_COLUMNS = ("experiment", "perturbation", "fov_name", "track_id", "global_track_id", "lineage_id", "t",
-                "hours_post_perturbation")
-INDEX_COLUMNS = ("fov_name", "well", "track_id", "t", "id", "parent_track_id", "parent_id", "z", "y", "x",
-                 "experiment", "lineage_id")
-
 
 def identity_collate(batch: Any) -> Any:
     """The batch as `__getitems__` built it (module level, so spawned workers can pickle it)."""
     return batch
-
-
-def row_dicts(index: LineageIndex, rows: np.ndarray, columns: tuple[str, ...]) -> list[dict[str, Any]]:
-    """One dict per row of `index.tracks` with the given columns (plus `marker` in bag mode)."""
-    if "marker" in index.tracks:
-        columns = (*columns, "marker")
-    values = [index.tracks[c].to_numpy()[rows].tolist() for c in columns]
-    return [dict(zip(columns, vals)) for vals in zip(*values)]
-
-
-def norm_meta(index: LineageIndex, norm: np.ndarray) -> list[dict[str, dict[str, dict[str, torch.Tensor]]]]:
-    """The reference's per-sample `*_norm_meta`: [{channel_key: {level: {stat: tensor}}}].
-
-    Keys are the canonical labels, or "channel_0" in bag-of-channels mode; the level holds the
-    index's subtrahend and divisor statistics, already resolved for the sample's t.
-    """
-    config = index.config
-    keys = ["channel_0"] if config.channel_mode == "bag" else list(index.labels)
-    level = config.norm_level or "none"
-    values = torch.from_numpy(np.ascontiguousarray(norm))
-    return [
-        {key: {level: {config.norm_subtrahend: values[i, c, 0], config.norm_divisor: values[i, c, 1]}}
-         for c, key in enumerate(keys)}
-        for i in range(len(norm))
-    ]
 
 
 class MultiExperimentTripletDataset(Dataset):
@@ -86,13 +56,13 @@ class MultiExperimentTripletDataset(Dataset):
         patches = self.reader.read(plan)
         out: dict[str, Any] = {
             "anchor": torch.from_numpy(patches.anchor),
-            "anchor_norm_meta": norm_meta(self.index, plan.anchor_norm),
+            "anchor_norm_meta": reference_norm_meta(self.index, plan.anchor_norm),
         }
         if not plan.fit:
-            out["index"] = row_dicts(self.index, plan.anchor_rows, INDEX_COLUMNS)
+            out["index"] = row_meta(self.index, plan.anchor_rows, INDEX_COLUMNS, "dicts")
             return out
-        out["anchor_meta"] = row_dicts(self.index, plan.anchor_rows, META_COLUMNS)
+        out["anchor_meta"] = row_meta(self.index, plan.anchor_rows, META_COLUMNS, "dicts")
         out["positive"] = torch.from_numpy(patches.positive)
-        out["positive_norm_meta"] = norm_meta(self.index, plan.positive_norm)
-        out["positive_meta"] = row_dicts(self.index, plan.positive_rows, META_COLUMNS)
+        out["positive_norm_meta"] = reference_norm_meta(self.index, plan.positive_norm)
+        out["positive_meta"] = row_meta(self.index, plan.positive_rows, META_COLUMNS, "dicts")
         return out

@@ -113,6 +113,7 @@ class LineageIndex:
         self.norm = self._hot[:, len(HOT):].view(np.float32).reshape(n, -1, 2)
         self._columns = {name: self._hot[:, k] for k, name in enumerate(HOT)}
         self._columns["track"] = tracks["track"].to_numpy()
+        self._value_cache: dict[str, tuple[np.ndarray | None, np.ndarray]] = {}
         self.exp_tau_min = experiments.tau_min.to_numpy().astype(np.int64)
         self.exp_tau_max = experiments.tau_max.to_numpy().astype(np.int64)
         self.exp_z_start = experiments.z_start.to_numpy().astype(np.int32)
@@ -323,6 +324,19 @@ class LineageIndex:
         ta, tb = self._row_tin[rows_a], self._row_tin[rows_b]
         oa, ob = self._row_tout[rows_a], self._row_tout[rows_b]
         return ((ta <= tb) & (tb <= oa)) | ((tb <= ta) & (ta <= ob))
+
+    def values(self, column: str, rows: np.ndarray) -> np.ndarray:
+        """Values of a `tracks` column at `rows` in O(len(rows)) (categoricals decoded via their codes)."""
+        cached = self._value_cache.get(column)
+        if cached is None:
+            series = self.tracks[column]
+            if isinstance(series.dtype, pd.CategoricalDtype):
+                cached = (series.cat.categories.to_numpy(dtype=object), series.cat.codes.to_numpy())
+            else:
+                cached = (None, series.to_numpy())
+            self._value_cache[column] = cached
+        categories, data = cached
+        return data[rows] if categories is None else categories[data[rows]]
 
     def column(self, name: str) -> np.ndarray:
         """A hot numpy column: exp, fov, t, group, track, channel, y_clamp, x_clamp."""

@@ -1,0 +1,174 @@
+"""TripletLoader: epochs of batches from the DALI pipeline, as training code expects them.
+
+The index owns what is read, the sampler which steps; the loader decides only where pixels go
+(device, read-ahead, normalize on or off, output format). It keys every plan by its own (epoch,
+step), counts the steps the user has received (not what DALI prefetched), builds its DALI
+iterator lazily (after `load_state_dict`), and positions the feed before each epoch, so a resume
+or a `set_epoch` between epochs yields exactly the batches the sampler says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import numpy as np
+
+from dali_pipeline._dali import require_dali
+from dali_pipeline.feed import PlanFeed
+from dali_pipeline.meta import INDEX_COLUMNS, META_COLUMNS, reference_norm_meta, row_meta
+from dali_pipeline.pipeline import GraphSpec, build_pipeline, output_names
+from dali_pipeline.reader import PatchReader
+from sampler import LineageIndex, TripletSampler
+
+
+class TripletLoader:
+    """Iterable over one epoch of batches per `iter()`; see the README for the batch contract.
+
+    `device="gpu"` needs `device_id` (the local rank's GPU); "cpu" runs the same graph on the CPU.
+    `final_patch` (Y, X) centre-crops, `z_reduction` ("max" or "center") reduces Z per channel.
+    With `normalize=False` the statistics travel with the batch as (B, C, 2) arrays
+    (`norm_meta="arrays"`) or as the reference's per-sample dicts (`"reference"`). `meta` chooses
+    columns ({name: array}) or the reference's per-sample dicts. `prefetch` is DALI's queue depth,
+    `read_ahead` the plans whose reads are kept in flight (within `budget_bytes`).
+    """
+
+    def __init__(
+        self,
+        index: LineageIndex,
+        sampler: TripletSampler,
+        *,
+        device: Literal["cpu", "gpu"] = "gpu",
+        device_id: int | None = None,
+        final_patch: tuple[int, int] | None = None,
+        z_reduction: Literal["max", "center"] | None = None,
+        normalize: bool = True,
+        norm_meta: Literal["arrays", "reference"] = "arrays",
+        meta: Literal["columns", "dicts"] = "columns",
+        prefetch: int = 2,
+        read_ahead: int = 2,
+        budget_bytes: int | None = None,
+        num_threads: int = 2,
+        **reader_options: Any,
+    ) -> None:
+        if sampler.index is not index:
+            raise ValueError("the sampler was built on another index: pass the same LineageIndex to both")
+        if norm_meta not in ("arrays", "reference"):
+            raise ValueError(f"norm_meta must be 'arrays' or 'reference', got {norm_meta!r}")
+        if meta not in ("columns", "dicts"):
+            raise ValueError(f"meta must be 'columns' or 'dicts', got {meta!r}")
+        require_dali()
+        if device == "gpu" and device_id is None:
+            raise ValueError("device='gpu' needs a device_id (the local rank's GPU; 0 on one GPU)")
+        if device == "cpu" and device_id is not None:
+            raise ValueError("device='cpu' runs without a GPU: leave device_id=None")
+        self.index = index
+        self.sampler = sampler
+        self.device_id = device_id
+        self.norm_meta = norm_meta
+        self.meta = meta
+        self.prefetch = prefetch
+        self.num_threads = num_threads
+        self.spec = GraphSpec(
+            fit=not sampler.predict, device=device, storage_dtype=index.batch_dtype, read_shape=index.read_shape,
+            final_patch=None if final_patch is None else tuple(final_patch), z_reduction=z_reduction,
+            normalize=normalize,
+        )
+        self.reader = PatchReader(index, **reader_options)
+        self.feed = PlanFeed(self.reader, self._plan, fit=self.spec.fit, depth=read_ahead, budget_bytes=budget_bytes)
+        self._epoch = sampler.epoch
+        self._step = sampler.step
+        self._iterator = None
+        self._running = False  # DALI is inside an epoch (not yet past its StopIteration)
+
+    # ------------------------------------------------------------------ epochs and state
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def step(self) -> int:
+        """Steps of the current epoch the user has received."""
+        return self._step
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` at step 0; a no-op for the epoch already loaded (its position is kept)."""
+        if epoch != self._epoch:
+            self._epoch, self._step = int(epoch), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state at the steps the user has received."""
+        return self.sampler.state_dict(steps_consumed=self._step, epoch=self._epoch)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration yields exactly the batches not yet received."""
+        self.sampler.load_state_dict(state)
+        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+
+    def _plan(self, epoch: int, step: int):
+        return self.sampler.plan(step, epoch)
+
+    # ------------------------------------------------------------------ iteration
+    def _dali_iterator(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        pipe = build_pipeline(
+            self.feed, self.feed.names, self.spec, batch_size=self.sampler.batch_size, device_id=self.device_id,
+            num_threads=self.num_threads, prefetch=self.prefetch,
+        )
+        return DALIGenericIterator(pipe, output_names(self.spec), auto_reset=False)
+
+    def _begin_epoch(self) -> None:
+        if self._step >= len(self):  # the loaded epoch is complete: go on with the next one
+            self._epoch, self._step = self._epoch + 1, 0
+        if self._iterator is None:
+            self.feed.position(self._epoch, self._step, len(self))
+            self._iterator = self._dali_iterator()  # DALI schedules its first runs at the first next()
+            return
+        if self._running:  # an epoch was abandoned: end it at the source and drop what DALI prefetched
+            self.feed.stop()
+            try:
+                while True:
+                    next(self._iterator)
+            except StopIteration:
+                pass
+        self.feed.position(self._epoch, self._step, len(self))
+        self._iterator.reset()  # schedules the first runs of the new position at once
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._begin_epoch()
+        self._running = True
+        while True:
+            try:
+                outputs = next(self._iterator)[0]
+            except StopIteration:
+                self._running = False
+                return
+            batch = self._batch(outputs)
+            self._step += 1
+            yield batch
+
+    def _batch(self, outputs: dict[str, Any]) -> dict[str, Any]:
+        ids = outputs["ids"].numpy() if outputs["ids"].device.type == "cpu" else outputs["ids"].cpu().numpy()
+        anchors = ids[:, 0]
+        batch: dict[str, Any] = {"anchor": outputs["anchor"]}
+        if not self.spec.fit:
+            batch["index"] = row_meta(self.index, anchors, INDEX_COLUMNS, self.meta)
+        else:
+            positives = ids[:, 1]
+            batch["positive"] = outputs["positive"]
+            batch["anchor_meta"] = row_meta(self.index, anchors, META_COLUMNS, self.meta)
+            batch["positive_meta"] = row_meta(self.index, positives, META_COLUMNS, self.meta)
+            if self.sampler.label_classes:
+                batch["labels"] = self.sampler.labels(anchors)
+        if not self.spec.normalize:
+            for role in ("anchor", "positive") if self.spec.fit else ("anchor",):
+                norm = outputs[f"{role}_norm"]
+                if self.norm_meta == "arrays":
+                    batch[f"{role}_norm"] = norm
+                else:
+                    batch[f"{role}_norm_meta"] = reference_norm_meta(self.index, norm)
+        return batch

@@ -1,0 +1,132 @@
+"""The DALI graph: plans' patches in, cropped, Z-reduced, cast and normalized float32 out.
+
+One definition for both devices: on "gpu" the patches go `.gpu()` once, right after the source;
+argument inputs (normalization terms, ids) stay CPU nodes. The deterministic reshaping ops come
+first (centre crop, Z reduction: both commute with a positive-divisor normalization and shrink
+the work), then cast and `(x - sub) / (div + 1e-8)`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from dali_pipeline._dali import require_dali
+
+EPSILON = 1e-8
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What the graph does; everything data-level comes from the index."""
+
+    fit: bool
+    device: Literal["cpu", "gpu"]
+    storage_dtype: np.dtype
+    read_shape: tuple[int, int, int]  # (Z, Y, X) of every read box
+    final_patch: tuple[int, int] | None = None  # centre crop (Y, X)
+    z_reduction: Literal["max", "center"] | None = None
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.z_reduction not in (None, "max", "center"):
+            raise ValueError(f"z_reduction must be None, 'max' or 'center', got {self.z_reduction!r}")
+        if self.final_patch is not None:
+            _, y, x = self.read_shape
+            fy, fx = self.final_patch
+            if not (0 < fy <= y and 0 < fx <= x):
+                raise ValueError(f"final_patch {self.final_patch} must fit inside the read patch {(y, x)}")
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X) of every output sample."""
+        z, y, x = self.read_shape
+        if self.z_reduction is not None:
+            z = 1
+        if self.final_patch is not None:
+            y, x = self.final_patch
+        return (z, y, x)
+
+
+def _dali_dtype(dtype: np.dtype):
+    types = require_dali().types
+    table = {np.uint8: types.UINT8, np.uint16: types.UINT16, np.int16: types.INT16, np.int32: types.INT32,
+             np.float32: types.FLOAT, np.uint32: types.UINT32}
+    try:
+        return table[np.dtype(dtype).type]
+    except KeyError:
+        raise ValueError(f"no DALI type for storage dtype {dtype}") from None
+
+
+def _reshape(x, spec: GraphSpec):
+    """Centre crop and Z reduction of a (C, Z, Y, X) node."""
+    fn = require_dali().fn
+    z, y, x_size = spec.read_shape
+    if spec.final_patch is not None:
+        fy, fx = spec.final_patch
+        y0, x0 = (y - fy) // 2, (x_size - fx) // 2
+        x = x[:, :, y0 : y0 + fy, x0 : x0 + fx]
+    if spec.z_reduction == "max":
+        x = fn.reductions.max(x, axes=[1], keep_dims=True)
+    elif spec.z_reduction == "center":
+        x = x[:, z // 2 : z // 2 + 1]
+    return x
+
+
+def _normalize(x, sub, div, spec: GraphSpec):
+    fn = require_dali().fn
+    types = require_dali().types
+    x = fn.cast(x, dtype=types.FLOAT)
+    return (x - sub) / (div + EPSILON) if spec.normalize else x
+
+
+def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int, device_id: int | None,
+                   num_threads: int = 2, prefetch: int = 2, seed: int = 0):
+    """The DALI Pipeline for a PlanFeed-like batch source returning the outputs `names`.
+
+    Outputs: anchor[, positive] (float32 CDHW), ids (int64), and anchor_norm[, positive_norm]
+    ((C, 2) float32) when not normalizing, so the statistics travel with the batch.
+    """
+    dali = require_dali()
+    fn, types = dali.fn, dali.types
+    patch = _dali_dtype(spec.storage_dtype)
+    kinds = {"anchor": (patch, 4, "CDHW"), "positive": (patch, 4, "CDHW"), "ids": (types.INT64, 1, None)}
+    for key in ("anchor_sub", "anchor_div", "positive_sub", "positive_div"):
+        kinds[key] = (types.FLOAT, 4, "CDHW")
+
+    @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
+                       prefetch_queue_depth=prefetch, seed=seed)
+    def graph():
+        nodes = fn.external_source(
+            source=source, num_outputs=len(names), batch=True, batch_info=True,
+            dtype=[kinds[n][0] for n in names], ndim=[kinds[n][1] for n in names],
+            layout=[kinds[n][2] for n in names],
+        )
+        by_name = dict(zip(names, nodes))
+        outputs = []
+        for role in ("anchor", "positive") if spec.fit else ("anchor",):
+            x = by_name[role]
+            if spec.device == "gpu":
+                x = x.gpu()
+            outputs.append(_normalize(_reshape(x, spec), by_name[f"{role}_sub"], by_name[f"{role}_div"], spec))
+        outputs.append(by_name["ids"])
+        if not spec.normalize:
+            for role in ("anchor", "positive") if spec.fit else ("anchor",):
+                terms = fn.cat(by_name[f"{role}_sub"], by_name[f"{role}_div"], axis=1)  # (C, 2, 1, 1)
+                outputs.append(fn.reshape(terms, shape=[-1, 2]))
+        return tuple(outputs)
+
+    return graph()
+
+
+def output_names(spec: GraphSpec) -> list[str]:
+    """Names of the pipeline's outputs, in order (for DALIGenericIterator's output_map)."""
+    roles = ["anchor", "positive"] if spec.fit else ["anchor"]
+    names = roles + ["ids"]
+    if not spec.normalize:
+        names += [f"{r}_norm" for r in roles]
+    return names
