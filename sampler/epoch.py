@@ -178,8 +178,14 @@ class TripletSampler:
             self._valid = np.asarray(index.valid, dtype=np.int64)
             self._n = len(self._valid)
             if self._n == 0:
-                raise ValueError("the index has no valid anchors (no row has a positive under its policy): "
-                                 "nothing to train on")
+                frames = {n: f"{lo}..{hi}" for n, lo, hi in zip(index.experiments.name, index.exp_tau_min,
+                                                                      index.exp_tau_max)}
+                raise ValueError(
+                    f"No valid anchors in {len(index)} observations: no row has a positive under policy "
+                    f"'{index.config.positive_policy}' at tau_range_hours={index.config.tau_range_hours} "
+                    f"(frames per experiment: {frames}, tau = 0 excluded). Widen the tau range, or check that "
+                    "tracks last longer than one frame."
+                )
             span = self.batch_size * self.world_size
             self._len = self._n // span if self.drop_last else -(-self._n // span)
             if self._len == 0:

@@ -270,3 +270,15 @@ def test_save_load_roundtrip_gives_identical_plans(tmp_path):
         index.save(path)
     index.save(path, overwrite=True)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".index-")] == []
+
+
+def test_no_valid_anchors_is_a_clear_error_at_the_sampler(tmp_path):
+    from sampler import TripletSampler
+
+    lonely = tracks_table(*[track_rows(i, range(i, i + 1)) for i in range(5)])  # one frame per track
+    index = build(tmp_path, lonely)
+    assert len(index) == 5 and len(index.valid) == 0
+    with pytest.raises(ValueError, match=r"No valid anchors in 5 observations: .* policy 'lineage' at "
+                                         r"tau_range_hours=\(0.5, 2.0\) \(frames per experiment: \{'exp': '1..4'\}"):
+        TripletSampler(index, 4)
+    TripletSampler(index, 4, predict=True)  # predict needs no positives
