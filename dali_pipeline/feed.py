@@ -12,12 +12,15 @@ from collections.abc import Callable
 
 import numpy as np
 
-from dali_pipeline.reader import PatchReader, PendingRead
+from dali_pipeline.reader import PatchReader, Patches, PendingRead
 from sampler import BatchPlan
 
 
 class PlanFeed:
-    """Callable external source: BatchInfo -> the arrays of one plan (see `outputs`)."""
+    """Callable external source: BatchInfo -> the arrays of one plan (`plan_outputs`).
+
+    `plan_for(step, epoch)` gives the plans (a TripletSampler's `plan`).
+    """
 
     def __init__(
         self,
@@ -38,12 +41,6 @@ class PlanFeed:
         self.stopped = False
         self._pending: dict[int, PendingRead] = {}
 
-    @property
-    def names(self) -> list[str]:
-        """Output names, in the order `__call__` returns them."""
-        keys = ["anchor", "anchor_sub", "anchor_div", "ids"]
-        return keys + ["positive", "positive_sub", "positive_div"] if self.fit else keys
-
     def position(self, epoch: int, first_step: int, n_steps: int) -> None:
         """Serve `epoch` from `first_step` to `n_steps` (exclusive) on the next DALI epoch."""
         self._pending.clear()
@@ -61,7 +58,7 @@ class PlanFeed:
             sizes = [p.nbytes for p in self._pending.values()]
             if sum(sizes) + max(sizes) > self.budget_bytes:  # steps are the same size but the last
                 return
-        self._pending[step] = self.reader.submit(self.plan_for(self.epoch, step))
+        self._pending[step] = self.reader.submit(self.plan_for(step, self.epoch))
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         step = self.first_step + info.iteration
@@ -71,12 +68,45 @@ class PlanFeed:
         self._issue(step, ahead=False)
         for later in range(step + 1, step + 1 + self.depth):
             self._issue(later, ahead=True)
-        patches = self._pending.pop(step).result()
-        plan = patches.plan
-        out = [patches.anchor, *_norm_terms(plan.anchor_norm), plan.ids]
-        if self.fit:
-            out += [patches.positive, *_norm_terms(plan.positive_norm)]
-        return tuple(out)
+        return plan_outputs(self._pending.pop(step).result())
+
+
+class StatelessPlanSource:
+    """A picklable batch source for DALI's parallel external source (`py_start_method="spawn"`).
+
+    Its output depends only on BatchInfo: DALI epoch k is the loader's epoch `start_epoch + k`,
+    starting at `start_step` in the first one and at 0 after. Each worker process opens its own
+    stores lazily (the reader pickles without them); DALI's prefetch queue keeps batches in flight
+    across workers, so reading overlaps training without in-process read-ahead.
+    """
+
+    def __init__(self, reader: PatchReader, plan_for: Callable[[int, int], BatchPlan], fit: bool,
+                 start_epoch: int, start_step: int, n_steps: int) -> None:
+        self.reader = reader
+        self.plan_for = plan_for
+        self.fit = fit
+        self.start_epoch, self.start_step, self.n_steps = start_epoch, start_step, n_steps
+
+    def __call__(self, info) -> tuple[np.ndarray, ...]:
+        step = (self.start_step if info.epoch_idx == 0 else 0) + info.iteration
+        if step >= self.n_steps:
+            raise StopIteration
+        return plan_outputs(self.reader.read(self.plan_for(step, self.start_epoch + info.epoch_idx)))
+
+
+def source_names(fit: bool) -> list[str]:
+    """Names of a plan source's outputs, in the order `plan_outputs` returns them."""
+    keys = ["anchor", "anchor_sub", "anchor_div", "ids"]
+    return keys + ["positive", "positive_sub", "positive_div"] if fit else keys
+
+
+def plan_outputs(patches: Patches) -> tuple[np.ndarray, ...]:
+    """The source outputs of one read plan, in the order of `source_names`."""
+    plan = patches.plan
+    out = [patches.anchor, *_norm_terms(plan.anchor_norm), plan.ids]
+    if plan.fit:
+        out += [patches.positive, *_norm_terms(plan.positive_norm)]
+    return tuple(out)
 
 
 def _norm_terms(norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

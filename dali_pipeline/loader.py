@@ -15,7 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dali_pipeline._dali import require_dali
-from dali_pipeline.feed import PlanFeed
+from dali_pipeline.feed import PlanFeed, StatelessPlanSource, source_names
 from dali_pipeline.meta import INDEX_COLUMNS, META_COLUMNS, reference_norm_meta, row_meta
 from dali_pipeline.pipeline import GraphSpec, build_pipeline, output_names
 from dali_pipeline.reader import PatchReader
@@ -49,6 +49,7 @@ class TripletLoader:
         read_ahead: int = 2,
         budget_bytes: int | None = None,
         num_threads: int = 2,
+        workers: int = 0,
         **reader_options: Any,
     ) -> None:
         if sampler.index is not index:
@@ -75,11 +76,13 @@ class TripletLoader:
             normalize=normalize,
         )
         self.reader = PatchReader(index, **reader_options)
-        self.feed = PlanFeed(self.reader, self._plan, fit=self.spec.fit, depth=read_ahead, budget_bytes=budget_bytes)
+        self.workers = workers
+        self.feed = PlanFeed(self.reader, sampler.plan, fit=self.spec.fit, depth=read_ahead, budget_bytes=budget_bytes)
         self._epoch = sampler.epoch
         self._step = sampler.step
         self._iterator = None
         self._running = False  # DALI is inside an epoch (not yet past its StopIteration)
+        self._next_position: tuple[int, int] | None = None  # what a parallel source serves after reset()
 
     # ------------------------------------------------------------------ epochs and state
     def __len__(self) -> int:
@@ -108,25 +111,26 @@ class TripletLoader:
         self.sampler.load_state_dict(state)
         self._epoch, self._step = int(state["epoch"]), int(state["step"])
 
-    def _plan(self, epoch: int, step: int):
-        return self.sampler.plan(step, epoch)
-
     # ------------------------------------------------------------------ iteration
-    def _dali_iterator(self):
+    def _dali_iterator(self, source):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         pipe = build_pipeline(
-            self.feed, self.feed.names, self.spec, batch_size=self.sampler.batch_size, device_id=self.device_id,
-            num_threads=self.num_threads, prefetch=self.prefetch,
+            source, source_names(self.spec.fit), self.spec, batch_size=self.sampler.batch_size,
+            device_id=self.device_id, num_threads=self.num_threads, prefetch=self.prefetch, workers=self.workers,
+            batch_bytes=self.reader.plan_bytes(self.sampler.plan(0, self._epoch)),
         )
         return DALIGenericIterator(pipe, output_names(self.spec), auto_reset=False)
 
     def _begin_epoch(self) -> None:
         if self._step >= len(self):  # the loaded epoch is complete: go on with the next one
             self._epoch, self._step = self._epoch + 1, 0
+        if self.workers:
+            self._begin_parallel_epoch()
+            return
         if self._iterator is None:
             self.feed.position(self._epoch, self._step, len(self))
-            self._iterator = self._dali_iterator()  # DALI schedules its first runs at the first next()
+            self._iterator = self._dali_iterator(self.feed)  # DALI schedules its first runs at the first next()
             return
         if self._running:  # an epoch was abandoned: end it at the source and drop what DALI prefetched
             self.feed.stop()
@@ -137,6 +141,17 @@ class TripletLoader:
                 pass
         self.feed.position(self._epoch, self._step, len(self))
         self._iterator.reset()  # schedules the first runs of the new position at once
+
+    def _begin_parallel_epoch(self) -> None:
+        """Workers serve epochs in sequence from their start: reuse them only for the next epoch."""
+        if self._iterator is not None and not self._running and self._next_position == (self._epoch, self._step):
+            self._iterator.reset()
+        else:
+            self._iterator = None  # releases the old pipeline and its workers
+            source = StatelessPlanSource(self.reader, self.sampler.plan, self.spec.fit, self._epoch, self._step,
+                                         len(self))
+            self._iterator = self._dali_iterator(source)
+        self._next_position = (self._epoch + 1, 0)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         self._begin_epoch()

@@ -85,11 +85,14 @@ def _normalize(x, sub, div, spec: GraphSpec):
 
 
 def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int, device_id: int | None,
-                   num_threads: int = 2, prefetch: int = 2, seed: int = 0):
+                   num_threads: int = 2, prefetch: int = 2, seed: int = 0, workers: int = 0,
+                   batch_bytes: int = 0):
     """The DALI Pipeline for a PlanFeed-like batch source returning the outputs `names`.
 
     Outputs: anchor[, positive] (float32 CDHW), ids (int64), and anchor_norm[, positive_norm]
-    ((C, 2) float32) when not normalizing, so the statistics travel with the batch.
+    ((C, 2) float32) when not normalizing, so the statistics travel with the batch. `workers` > 0
+    runs a picklable, stateless source in that many spawned processes (DALI's parallel external
+    source); `batch_bytes` sizes their shared-memory chunks.
     """
     dali = require_dali()
     fn, types = dali.fn, dali.types
@@ -98,13 +101,16 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
     for key in ("anchor_sub", "anchor_div", "positive_sub", "positive_div"):
         kinds[key] = (types.FLOAT, 4, "CDHW")
 
+    parallel = dict(py_num_workers=workers, py_start_method="spawn") if workers else {}
+
     @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                       prefetch_queue_depth=prefetch, seed=seed)
+                       prefetch_queue_depth=prefetch, seed=seed, **parallel)
     def graph():
         nodes = fn.external_source(
             source=source, num_outputs=len(names), batch=True, batch_info=True,
             dtype=[kinds[n][0] for n in names], ndim=[kinds[n][1] for n in names],
             layout=[kinds[n][2] for n in names],
+            **(dict(parallel=True, bytes_per_sample_hint=int(1.2 * batch_bytes) + (1 << 20)) if workers else {}),
         )
         by_name = dict(zip(names, nodes))
         outputs = []

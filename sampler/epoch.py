@@ -201,6 +201,17 @@ class TripletSampler:
         self._cache: OrderedDict[int, Any] = OrderedDict()  # epoch -> permutation or EpochDraws
         self._cache_size = 2
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (for spawned loader workers): without the lock and the epoch cache."""
+        state = dict(self.__dict__)
+        state["_lock"] = None
+        state["_cache"] = OrderedDict()
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     # ------------------------------------------------------------------ composition setup
     def _build_composition(self, group_cols, strat_cols, group_weights, leaky) -> comp_mod.Composition:
         tracks = self.index.tracks

@@ -200,3 +200,20 @@ def test_gpu_batch_contract_and_parity(index):
         assert g["anchor"].device == torch.device("cuda", 0) and g["anchor"].dtype == torch.float32
         np.testing.assert_allclose(g["anchor"].cpu().numpy(), c["anchor"].numpy(), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(g["positive"].cpu().numpy(), c["positive"].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_parallel_spawned_source_gives_the_same_batches(index):
+    inproc = loader(index, seed=2)
+    want = {e: [_anchor_keys(b) for b in inproc] for e in (0, 1)}
+    inproc.set_epoch(4)
+    want[4] = [_anchor_keys(b) for b in inproc]
+    parallel = loader(index, seed=2, workers=2)
+    assert [_anchor_keys(b) for b in parallel] == want[0]
+    assert [_anchor_keys(b) for b in parallel] == want[1]  # the next epoch reuses the workers
+    parallel.set_epoch(4)  # not the next epoch: the workers restart at the new position
+    first = next(iter(parallel))
+    assert _anchor_keys(first) == want[4][0]
+    state = parallel.state_dict()
+    resumed = loader(index, seed=2, workers=2)
+    resumed.load_state_dict(state)
+    assert [_anchor_keys(b) for b in resumed] == want[4][1:]
