@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from dali_pipeline.augment_graph import param_arrays
 from dali_pipeline.reader import PatchReader, Patches, PendingRead
 from sampler import BatchPlan
 
@@ -26,13 +27,13 @@ class PlanFeed:
         self,
         reader: PatchReader,
         plan_for: Callable[[int, int], BatchPlan],
-        fit: bool,
+        params: tuple[str, ...] = (),
         depth: int = 2,
         budget_bytes: int | None = None,
     ) -> None:
         self.reader = reader
         self.plan_for = plan_for
-        self.fit = fit
+        self.params = params
         self.depth = depth
         self.budget_bytes = budget_bytes
         self.epoch = 0
@@ -68,7 +69,7 @@ class PlanFeed:
         self._issue(step, ahead=False)
         for later in range(step + 1, step + 1 + self.depth):
             self._issue(later, ahead=True)
-        return plan_outputs(self._pending.pop(step).result())
+        return plan_outputs(self._pending.pop(step).result(), self.params)
 
 
 class StatelessPlanSource:
@@ -80,33 +81,39 @@ class StatelessPlanSource:
     across workers, so reading overlaps training without in-process read-ahead.
     """
 
-    def __init__(self, reader: PatchReader, plan_for: Callable[[int, int], BatchPlan], fit: bool,
+    def __init__(self, reader: PatchReader, plan_for: Callable[[int, int], BatchPlan], params: tuple[str, ...],
                  start_epoch: int, start_step: int, n_steps: int) -> None:
         self.reader = reader
         self.plan_for = plan_for
-        self.fit = fit
+        self.params = params
         self.start_epoch, self.start_step, self.n_steps = start_epoch, start_step, n_steps
 
     def __call__(self, info) -> tuple[np.ndarray, ...]:
         step = (self.start_step if info.epoch_idx == 0 else 0) + info.iteration
         if step >= self.n_steps:
             raise StopIteration
-        return plan_outputs(self.reader.read(self.plan_for(step, self.start_epoch + info.epoch_idx)))
+        return plan_outputs(self.reader.read(self.plan_for(step, self.start_epoch + info.epoch_idx)), self.params)
 
 
-def source_names(fit: bool) -> list[str]:
-    """Names of a plan source's outputs, in the order `plan_outputs` returns them."""
-    keys = ["anchor", "anchor_sub", "anchor_div", "ids"]
-    return keys + ["positive", "positive_sub", "positive_div"] if fit else keys
+def source_names(fit: bool, params: tuple[str, ...]) -> list[str]:
+    """Names of a plan source's outputs (with augmentation parameters `params`), in `plan_outputs` order."""
+    names = []
+    for role in ("anchor", "positive") if fit else ("anchor",):
+        names += [role, f"{role}_sub", f"{role}_div", *(f"{role}_{key}" for key in params)]
+    return names + ["ids"]
 
 
-def plan_outputs(patches: Patches) -> tuple[np.ndarray, ...]:
-    """The source outputs of one read plan, in the order of `source_names`."""
+def plan_outputs(patches: Patches, params: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+    """The source outputs of one read plan, in the order of `source_names(fit, params)`."""
     plan = patches.plan
-    out = [patches.anchor, *_norm_terms(plan.anchor_norm), plan.ids]
+    out = [patches.anchor, *_norm_terms(plan.anchor_norm)]
+    if params:
+        out += param_arrays(plan.anchor_aug, params)
     if plan.fit:
         out += [patches.positive, *_norm_terms(plan.positive_norm)]
-    return tuple(out)
+        if params:
+            out += param_arrays(plan.positive_aug, params)
+    return (*out, plan.ids)
 
 
 def _norm_terms(norm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

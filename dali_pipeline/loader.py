@@ -15,6 +15,7 @@ from typing import Any, Literal
 import numpy as np
 
 from dali_pipeline._dali import require_dali
+from dali_pipeline.augment_graph import used_params
 from dali_pipeline.feed import PlanFeed, StatelessPlanSource, source_names
 from dali_pipeline.meta import INDEX_COLUMNS, META_COLUMNS, reference_norm_meta, row_meta
 from dali_pipeline.pipeline import GraphSpec, build_pipeline, output_names
@@ -73,11 +74,12 @@ class TripletLoader:
         self.spec = GraphSpec(
             fit=not sampler.predict, device=device, storage_dtype=index.batch_dtype, read_shape=index.read_shape,
             final_patch=None if final_patch is None else tuple(final_patch), z_reduction=z_reduction,
-            normalize=normalize,
+            normalize=normalize, augment=sampler.augment,
         )
         self.reader = PatchReader(index, **reader_options)
         self.workers = workers
-        self.feed = PlanFeed(self.reader, sampler.plan, fit=self.spec.fit, depth=read_ahead, budget_bytes=budget_bytes)
+        self.params = used_params(sampler.augment)
+        self.feed = PlanFeed(self.reader, sampler.plan, self.params, depth=read_ahead, budget_bytes=budget_bytes)
         self._epoch = sampler.epoch
         self._step = sampler.step
         self._iterator = None
@@ -116,9 +118,11 @@ class TripletLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         pipe = build_pipeline(
-            source, source_names(self.spec.fit), self.spec, batch_size=self.sampler.batch_size,
-            device_id=self.device_id, num_threads=self.num_threads, prefetch=self.prefetch, workers=self.workers,
+            source, source_names(self.spec.fit, self.params), self.spec,
+            batch_size=self.sampler.batch_size, device_id=self.device_id, num_threads=self.num_threads,
+            prefetch=self.prefetch, workers=self.workers,
             batch_bytes=self.reader.plan_bytes(self.sampler.plan(0, self._epoch)),
+            seed=(self.sampler.seed * 1_000_003 + self.sampler.rank) % (1 << 31),  # noise fields per (seed, rank)
         )
         return DALIGenericIterator(pipe, output_names(self.spec), auto_reset=False)
 
@@ -148,7 +152,7 @@ class TripletLoader:
             self._iterator.reset()
         else:
             self._iterator = None  # releases the old pipeline and its workers
-            source = StatelessPlanSource(self.reader, self.sampler.plan, self.spec.fit, self._epoch, self._step,
+            source = StatelessPlanSource(self.reader, self.sampler.plan, self.params, self._epoch, self._step,
                                          len(self))
             self._iterator = self._dali_iterator(source)
         self._next_position = (self._epoch + 1, 0)

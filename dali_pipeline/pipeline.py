@@ -14,6 +14,8 @@ from typing import Literal
 import numpy as np
 
 from dali_pipeline._dali import require_dali
+from dali_pipeline.augment_graph import augment, param_kinds, used_params
+from sampler.augment import AugmentConfig
 
 EPSILON = 1e-8
 
@@ -29,6 +31,7 @@ class GraphSpec:
     final_patch: tuple[int, int] | None = None  # centre crop (Y, X)
     z_reduction: Literal["max", "center"] | None = None
     normalize: bool = True
+    augment: AugmentConfig | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "gpu"):
@@ -36,15 +39,22 @@ class GraphSpec:
         if self.z_reduction not in (None, "max", "center"):
             raise ValueError(f"z_reduction must be None, 'max' or 'center', got {self.z_reduction!r}")
         if self.final_patch is not None:
-            _, y, x = self.read_shape
+            _, y, x = self.augmented_shape
             fy, fx = self.final_patch
             if not (0 < fy <= y and 0 < fx <= x):
-                raise ValueError(f"final_patch {self.final_patch} must fit inside the read patch {(y, x)}")
+                raise ValueError(f"final_patch {self.final_patch} must fit inside the patch {(y, x)} before it")
+
+    @property
+    def augmented_shape(self) -> tuple[int, int, int]:
+        """(Z, Y, X) after the augmentations' random crop (the read shape without one)."""
+        if self.augment is not None and self.augment.crop is not None:
+            return tuple(self.augment.crop)
+        return self.read_shape
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
         """(Z, Y, X) of every output sample."""
-        z, y, x = self.read_shape
+        z, y, x = self.augmented_shape
         if self.z_reduction is not None:
             z = 1
         if self.final_patch is not None:
@@ -65,7 +75,7 @@ def _dali_dtype(dtype: np.dtype):
 def _reshape(x, spec: GraphSpec):
     """Centre crop and Z reduction of a (C, Z, Y, X) node."""
     fn = require_dali().fn
-    z, y, x_size = spec.read_shape
+    z, y, x_size = spec.augmented_shape
     if spec.final_patch is not None:
         fy, fx = spec.final_patch
         y0, x0 = (y - fy) // 2, (x_size - fx) // 2
@@ -100,6 +110,9 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
     kinds = {"anchor": (patch, 4, "CDHW"), "positive": (patch, 4, "CDHW"), "ids": (types.INT64, 1, None)}
     for key in ("anchor_sub", "anchor_div", "positive_sub", "positive_div"):
         kinds[key] = (types.FLOAT, 4, "CDHW")
+    for role in ("anchor", "positive"):
+        for key, (dtype, ndim) in param_kinds().items():
+            kinds[f"{role}_{key}"] = (dtype, ndim, None)
 
     parallel = dict(py_num_workers=workers, py_start_method="spawn") if workers else {}
 
@@ -118,7 +131,13 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
             x = by_name[role]
             if spec.device == "gpu":
                 x = x.gpu()
-            outputs.append(_normalize(_reshape(x, spec), by_name[f"{role}_sub"], by_name[f"{role}_div"], spec))
+            sub, div = by_name[f"{role}_sub"], by_name[f"{role}_div"]
+            if spec.augment is None:  # reshaping first: it commutes with normalization and shrinks the work
+                outputs.append(_normalize(_reshape(x, spec), sub, div, spec))
+            else:  # augmentations see the whole normalized read box, as the reference's
+                params = {key: by_name[f"{role}_{key}"] for key in used_params(spec.augment)}
+                x = augment(_normalize(x, sub, div, spec), params, spec.augment)
+                outputs.append(_reshape(x, spec))
         outputs.append(by_name["ids"])
         if not spec.normalize:
             for role in ("anchor", "positive") if spec.fit else ("anchor",):

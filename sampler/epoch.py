@@ -45,6 +45,7 @@ import numpy as np
 
 from sampler import composition as comp_mod
 from sampler.composition import EpochDraws, as_columns, check_columns, encode_keys, epoch_generator, label_encoder
+from sampler.augment import AugmentConfig
 from sampler.index import LineageIndex
 from sampler.plan import BatchPlan, make_plan
 
@@ -83,6 +84,8 @@ class TripletSampler:
         label_columns: {name: column}: integer labels of the anchors for auxiliary heads, one encoder
             per column fixed from the whole index (sorted distinct values; missing values are -1);
             see `labels()` and `label_classes`.
+        augment: an AugmentConfig; its per-sample parameters are drawn into every plan from the
+            step generator (None: no augmentation, the default for validation and predict).
 
     State: `epoch` and `step` (steps of the current epoch already consumed). Iterating yields the
     plans from `step` to the end of the epoch and counts each plan handed out as consumed; a loader
@@ -110,12 +113,14 @@ class TripletSampler:
         temporal_global_fraction: float = 0.3,
         predict: bool = False,
         label_columns: Mapping[str, str] | None = None,
+        augment: AugmentConfig | None = None,
     ) -> None:
         _check_int("batch_size", batch_size, 1)
         _check_int("world_size", world_size, 1)
         _check_int("seed", seed, 0, SEED_LIMIT)
         _check_int("rank", rank, 0, world_size, f"rank must lie in [0, world_size={world_size}), got {rank!r}")
         self.index = index
+        self.augment = augment
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.rank = int(rank)
@@ -378,7 +383,7 @@ class TripletSampler:
     def plan(self, step: int, epoch: int | None = None) -> BatchPlan:
         """The BatchPlan of this rank at `step` of `epoch` (default: the current epoch)."""
         rows, rng = self.step_inputs(step, epoch)
-        plan = make_plan(self.index, rows, rng, predict=self.predict)
+        plan = make_plan(self.index, rows, rng, self.augment, predict=self.predict)
         if self._label_codes:
             plan = dataclasses.replace(plan, labels=self.labels(plan))
         return plan

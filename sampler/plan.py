@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sampler.augment import AugmentConfig, draw_augment
 from sampler.index import CHANNEL, EXP, FOV, T, X_CLAMP, Y_CLAMP, LineageIndex
 from sampler.positives import positives_of
 
@@ -35,7 +36,9 @@ class BatchPlan:
 
     Predict plans have `positive_rows is None`. `ids` are int64 row numbers of the index: column 0
     the anchors, column 1 the positives (fit only). `labels` holds integer class codes (B,) of the
-    anchors for auxiliary heads, when the sampler was asked for label columns.
+    anchors for auxiliary heads, when the sampler was asked for label columns. `anchor_aug` and
+    `positive_aug` hold per-sample augmentation parameters (`sampler.augment.PARAMS`) when the plan
+    was made with an augmentation config.
     """
 
     anchor_rows: np.ndarray
@@ -46,6 +49,8 @@ class BatchPlan:
     positive_norm: np.ndarray | None = None
     tau: np.ndarray | None = None
     labels: dict[str, np.ndarray] | None = None
+    anchor_aug: dict[str, np.ndarray] | None = None
+    positive_aug: dict[str, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.anchor_rows)
@@ -79,24 +84,33 @@ def _boxes(index: LineageIndex, hot: np.ndarray) -> ReadBoxes:
 
 
 def make_plan(
-    index: LineageIndex, anchor_rows: np.ndarray, rng: np.random.Generator | None, *, predict: bool = False
+    index: LineageIndex,
+    anchor_rows: np.ndarray,
+    rng: np.random.Generator | None,
+    augment: AugmentConfig | None = None,
+    *,
+    predict: bool = False,
 ) -> BatchPlan:
-    """The plan for anchor rows: positives drawn with `rng` (fit), or none at all (`predict=True`)."""
+    """The plan for anchor rows: positives drawn with `rng` (fit), or none at all (`predict=True`).
+
+    With `augment`, the augmentation parameters of anchors and positives are drawn from `rng` too,
+    after the positives (so the positives do not depend on the augmentation config).
+    """
     rows = np.asarray(anchor_rows, dtype=np.int64)
     if len(rows) and (rows.min() < 0 or rows.max() >= len(index)):
         raise IndexError(f"anchor rows must lie in [0, {len(index)}), got {rows.min()}..{rows.max()}")
+    if rng is None and (not predict or augment is not None):
+        raise ValueError("a training or augmented plan needs a generator (rng); pass predict=True for none")
     hot = index.hot_rows(rows)
-    anchor = dict(anchor_rows=rows, anchor_boxes=_boxes(index, hot), anchor_norm=index.hot_norm(hot))
-    if predict:
-        return BatchPlan(**anchor)
-    if rng is None:
-        raise ValueError("a training plan needs a generator (rng) to draw positives; pass predict=True for none")
-    positive, tau = positives_of(index, rows, hot, rng)
-    positive_hot = index.hot_rows(positive)
-    return BatchPlan(
-        **anchor,
-        positive_rows=positive,
-        positive_boxes=_boxes(index, positive_hot),
-        positive_norm=index.hot_norm(positive_hot),
-        tau=tau.astype(np.int32),
-    )
+    plan = dict(anchor_rows=rows, anchor_boxes=_boxes(index, hot), anchor_norm=index.hot_norm(hot))
+    if not predict:
+        positive, tau = positives_of(index, rows, hot, rng)
+        positive_hot = index.hot_rows(positive)
+        plan.update(positive_rows=positive, positive_boxes=_boxes(index, positive_hot),
+                    positive_norm=index.hot_norm(positive_hot), tau=tau.astype(np.int32))
+    if augment is not None:
+        args = (len(rows), index.n_channels, index.read_shape, rng)
+        plan["anchor_aug"] = draw_augment(augment, *args)
+        if not predict:
+            plan["positive_aug"] = draw_augment(augment, *args)
+    return BatchPlan(**plan)

@@ -10,6 +10,7 @@ import torch
 
 from dali_pipeline._dali import gpu_count
 from dali_pipeline.datasets.synthetic import decode, decode_channel, demo_spec, write_synthetic
+from dali_pipeline.feed import source_names
 from dali_pipeline.loader import TripletLoader
 from dali_pipeline.pipeline import GraphSpec, build_pipeline
 from dali_pipeline.torch_dataset import MultiExperimentTripletDataset
@@ -184,8 +185,7 @@ def test_gpu_graph_traces_on_cpu_with_gpu_kernels_only(normalize):
 
     spec = GraphSpec(fit=True, device="gpu", storage_dtype=np.dtype(np.uint16), read_shape=(4, 32, 32),
                      final_patch=(24, 24), z_reduction="max", normalize=normalize)
-    names = ["anchor", "anchor_sub", "anchor_div", "ids", "positive", "positive_sub", "positive_div"]
-    pipe = build_pipeline(lambda info: None, names, spec, batch_size=4, device_id=None)
+    pipe = build_pipeline(lambda info: None, source_names(True, ()), spec, batch_size=4, device_id=None)
     pipe.serialize()  # traces the whole graph: unknown arguments or GPU named inputs would fail here
     gpu_ops = {op._op.schema_name for op in pipe._ops if op._op.device == "gpu"}  # DALI internals
     assert gpu_ops and gpu_ops <= set(backend.RegisteredGPUOps())
