@@ -9,6 +9,7 @@ or a `set_epoch` between epochs yields exactly the batches the sampler says.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -85,6 +86,10 @@ class TripletLoader:
         self._iterator = None
         self._running = False  # DALI is inside an epoch (not yet past its StopIteration)
         self._next_position: tuple[int, int] | None = None  # what a parallel source serves after reset()
+        # noise fields come from DALI's generator: a resume restores it from a pipeline checkpoint
+        self._checkpointing = self.spec.augment is not None and self.spec.augment.noise.prob > 0
+        self._origin = (self._epoch, self._step)  # (epoch, step) of DALI iteration 0 of the source
+        self._restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ epochs and state
     def __len__(self) -> int:
@@ -102,19 +107,28 @@ class TripletLoader:
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` at step 0; a no-op for the epoch already loaded (its position is kept)."""
         if epoch != self._epoch:
-            self._epoch, self._step = int(epoch), 0
+            self._epoch, self._step, self._restore = int(epoch), 0, None
 
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's state at the steps the user has received."""
-        return self.sampler.state_dict(steps_consumed=self._step, epoch=self._epoch)
+        """The sampler's state at the steps the user has received (plus DALI's, for noise fields)."""
+        state = self.sampler.state_dict(steps_consumed=self._step, epoch=self._epoch)
+        if self._checkpointing and self._iterator is not None:
+            checkpoint = self._iterator.checkpoints()[0]
+            state["dali"] = dict(checkpoint=base64.b64encode(checkpoint).decode(), origin=list(self._origin))
+        elif self._restore is not None:
+            state["dali"] = self._restore
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration yields exactly the batches not yet received."""
         self.sampler.load_state_dict(state)
-        self._epoch, self._step = int(state["epoch"]), int(state["step"])
+        self._epoch, self._step = self.sampler.epoch, self.sampler.step
+        same_position = (self._epoch, self._step) == (int(state["epoch"]), int(state["step"]))
+        self._restore = state.get("dali") if self._checkpointing and same_position else None
+        self._iterator, self._running = None, False
 
     # ------------------------------------------------------------------ iteration
-    def _dali_iterator(self, source):
+    def _dali_iterator(self, source, checkpoint: bytes | None = None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         pipe = build_pipeline(
@@ -123,28 +137,56 @@ class TripletLoader:
             prefetch=self.prefetch, workers=self.workers,
             batch_bytes=self.reader.plan_bytes(self.sampler.plan(0, self._epoch)),
             seed=(self.sampler.seed * 1_000_003 + self.sampler.rank) % (1 << 31),  # noise fields per (seed, rank)
+            checkpointing=self._checkpointing, checkpoint=checkpoint,
         )
         return DALIGenericIterator(pipe, output_names(self.spec), auto_reset=False)
 
     def _begin_epoch(self) -> None:
+        if self._restore is not None:  # a resume: DALI continues from its checkpoint, source included
+            self._resume_from_checkpoint()
+            if self._step < len(self):
+                return
         if self._step >= len(self):  # the loaded epoch is complete: go on with the next one
             self._epoch, self._step = self._epoch + 1, 0
         if self.workers:
             self._begin_parallel_epoch()
             return
         if self._iterator is None:
-            self.feed.position(self._epoch, self._step, len(self))
+            self._position(self._epoch, self._step)
             self._iterator = self._dali_iterator(self.feed)  # DALI schedules its first runs at the first next()
             return
         if self._running:  # an epoch was abandoned: end it at the source and drop what DALI prefetched
             self.feed.stop()
-            try:
-                while True:
-                    next(self._iterator)
-            except StopIteration:
-                pass
-        self.feed.position(self._epoch, self._step, len(self))
+            self._drain()
+        self._position(self._epoch, self._step)
         self._iterator.reset()  # schedules the first runs of the new position at once
+
+    def _position(self, epoch: int, step: int) -> None:
+        self.feed.position(epoch, step, len(self))
+        self._origin = (epoch, step)
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                next(self._iterator)
+        except StopIteration:
+            self._running = False
+
+    def _resume_from_checkpoint(self) -> None:
+        restore, self._restore = self._restore, None
+        epoch, step = restore["origin"]
+        checkpoint = base64.b64decode(restore["checkpoint"])
+        if self.workers:
+            source = StatelessPlanSource(self.reader, self.sampler.plan, self.params, epoch, step, len(self))
+            self._next_position = (self._epoch + 1, 0)
+        else:
+            self.feed.position(epoch, step, len(self))
+            source = self.feed
+        self._origin = (epoch, step)
+        self._iterator = self._dali_iterator(source, checkpoint)
+        self._running = True
+        if self._step >= len(self):  # saved at the end of an epoch: let DALI see the end before the next
+            self._drain()
 
     def _begin_parallel_epoch(self) -> None:
         """Workers serve epochs in sequence from their start: reuse them only for the next epoch."""
@@ -154,6 +196,7 @@ class TripletLoader:
             self._iterator = None  # releases the old pipeline and its workers
             source = StatelessPlanSource(self.reader, self.sampler.plan, self.params, self._epoch, self._step,
                                          len(self))
+            self._origin = (self._epoch, self._step)
             self._iterator = self._dali_iterator(source)
         self._next_position = (self._epoch + 1, 0)
 

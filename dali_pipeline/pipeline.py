@@ -96,13 +96,14 @@ def _normalize(x, sub, div, spec: GraphSpec):
 
 def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int, device_id: int | None,
                    num_threads: int = 2, prefetch: int = 2, seed: int = 0, workers: int = 0,
-                   batch_bytes: int = 0):
+                   batch_bytes: int = 0, checkpointing: bool = False, checkpoint: bytes | None = None):
     """The DALI Pipeline for a PlanFeed-like batch source returning the outputs `names`.
 
     Outputs: anchor[, positive] (float32 CDHW), ids (int64), and anchor_norm[, positive_norm]
     ((C, 2) float32) when not normalizing, so the statistics travel with the batch. `workers` > 0
     runs a picklable, stateless source in that many spawned processes (DALI's parallel external
-    source); `batch_bytes` sizes their shared-memory chunks.
+    source); `batch_bytes` sizes their shared-memory chunks. `checkpointing` lets the pipeline's
+    state (source position, random streams) be saved; `checkpoint` restores one.
     """
     dali = require_dali()
     fn, types = dali.fn, dali.types
@@ -117,7 +118,7 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
     parallel = dict(py_num_workers=workers, py_start_method="spawn") if workers else {}
 
     @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
-                       prefetch_queue_depth=prefetch, seed=seed, **parallel)
+                       prefetch_queue_depth=prefetch, seed=seed, enable_checkpointing=checkpointing, **parallel)
     def graph():
         nodes = fn.external_source(
             source=source, num_outputs=len(names), batch=True, batch_info=True,
@@ -145,7 +146,7 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
                 outputs.append(fn.reshape(terms, shape=[-1, 2]))
         return tuple(outputs)
 
-    return graph()
+    return graph(checkpoint=checkpoint) if checkpoint is not None else graph()
 
 
 def output_names(spec: GraphSpec) -> list[str]:

@@ -158,11 +158,11 @@ STRONG = AugmentConfig(affine=Affine(0.8, scale=((0.9, 1.1),) * 3, shear=0.05), 
                        intensity=IntensityScale(0.5), smooth=Smooth(0.5), crop=(4, 28, 28))
 
 
-def augmented_loader(index, seed=0, rank=0, world_size=1, config=STRONG):
+def augmented_loader(index, seed=0, rank=0, world_size=1, config=STRONG, batch=8):
     from dali_pipeline.loader import TripletLoader
     from sampler import TripletSampler
 
-    sampler = TripletSampler(index, 8, seed=seed, rank=rank, world_size=world_size, augment=config)
+    sampler = TripletSampler(index, batch, seed=seed, rank=rank, world_size=world_size, augment=config)
     return TripletLoader(index, sampler, device="cpu", final_patch=(24, 24), z_reduction="max")
 
 
@@ -194,3 +194,33 @@ def test_anchor_positive_and_ranks_get_different_parameters(index):
     # augmentation draws come after the positives: the same positives with or without them
     plain = TripletSampler(index, 8, seed=0).plan(0, 0)
     np.testing.assert_array_equal(plain.positive_rows, plan.positive_rows)
+
+
+NOISY = AugmentConfig(flip=Flip(0.5), noise=Noise(1.0, 0.5), crop=(4, 28, 28))
+
+
+def test_noise_fields_are_restored_by_a_resume_mid_epoch_and_at_an_epoch_end(index):
+    def anchors(loader, n):
+        return [b["anchor"].numpy().copy() for _, b in zip(range(n), loader)]
+
+    full = augmented_loader(index, config=NOISY, batch=32)
+    steps = len(full)
+    epoch0 = anchors(full, steps)
+    epoch1 = anchors(full, 2)
+    assert not np.array_equal(epoch0[0], anchors(augmented_loader(index, config=NOISY, batch=32, seed=1), 1)[0])
+    # mid-epoch: the noise stream continues where it was
+    first = augmented_loader(index, config=NOISY, batch=32)
+    anchors(first, 3)
+    resumed = augmented_loader(index, config=NOISY, batch=32)
+    resumed.load_state_dict(first.state_dict())
+    for want, got in zip(epoch0[3:5], anchors(resumed, 2)):
+        np.testing.assert_array_equal(got, want)
+    # at the end of an epoch: the next epoch's fields are those of the uninterrupted run
+    first = augmented_loader(index, config=NOISY, batch=32)
+    anchors(first, steps)
+    state = first.state_dict()
+    assert state["step"] == steps and "dali" in state
+    resumed = augmented_loader(index, config=NOISY, batch=32)
+    resumed.load_state_dict(state)
+    for want, got in zip(epoch1, anchors(resumed, 2)):
+        np.testing.assert_array_equal(got, want)
