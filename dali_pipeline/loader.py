@@ -75,7 +75,7 @@ class TripletLoader:
         self.spec = GraphSpec(
             fit=not sampler.predict, device=device, storage_dtype=index.batch_dtype, read_shape=index.read_shape,
             final_patch=None if final_patch is None else tuple(final_patch), z_reduction=z_reduction,
-            normalize=normalize, augment=sampler.augment,
+            normalize=normalize, augment=sampler.augment, resample=index.resampled,
         )
         self.reader = PatchReader(index, **reader_options)
         self.workers = workers

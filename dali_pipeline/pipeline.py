@@ -1,6 +1,7 @@
 """The DALI graph: plans' patches in, cropped, Z-reduced, cast and normalized float32 out.
 
-One definition for both devices: on "gpu" the patches go `.gpu()` once, right after the source;
+One definition for both devices: on "gpu" the patches go `.gpu()` once, right after the source
+(then, when experiments have different pixel sizes, each read box is resampled to the common size);
 argument inputs (normalization terms, ids) stay CPU nodes. The deterministic reshaping ops come
 first (centre crop, Z reduction: both commute with a positive-divisor normalization and shrink
 the work), then cast and `(x - sub) / (div + 1e-8)`.
@@ -32,6 +33,7 @@ class GraphSpec:
     z_reduction: Literal["max", "center"] | None = None
     normalize: bool = True
     augment: AugmentConfig | None = None
+    resample: bool = False  # read boxes differ by experiment (pixel sizes): resize each to read_shape
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "gpu"):
@@ -132,6 +134,9 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
             x = by_name[role]
             if spec.device == "gpu":
                 x = x.gpu()
+            if spec.resample:  # linear, per sample; an unscaled box passes unchanged
+                x = fn.tensor_resize(x, sizes=list(spec.read_shape), axes=[1, 2, 3], interp_type=types.INTERP_LINEAR,
+                                     antialias=False, dtype=types.FLOAT)
             sub, div = by_name[f"{role}_sub"], by_name[f"{role}_div"]
             if spec.augment is None:  # reshaping first: it commutes with normalization and shrinks the work
                 outputs.append(_normalize(_reshape(x, spec), sub, div, spec))

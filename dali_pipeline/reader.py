@@ -59,27 +59,38 @@ class Patches:
     """Native-dtype pixels of one plan: `anchor` and (fit) `positive`, each (B, C, Z, Y, X)."""
 
     plan: BatchPlan
-    anchor: np.ndarray
-    positive: np.ndarray | None = None
+    anchor: np.ndarray | list[np.ndarray]
+    positive: np.ndarray | list[np.ndarray] | None = None
 
 
 @dataclass
 class PendingRead:
-    """Reads of one plan in flight; `result()` waits and returns the Patches."""
+    """Reads of one plan in flight; `result()` waits and returns the Patches.
+
+    One future per box shape: a single contiguous (2B, C, Z, Y, X) read when every experiment has
+    the same box, else one stack per shape and a list of per-sample arrays in plan order.
+    """
 
     reader: "PatchReader"
     plan: BatchPlan
-    future: ts.Future
+    groups: list[tuple[np.ndarray, ts.Future]]
     nbytes: int
     _views: list = field(repr=False, default_factory=list)
 
     def result(self) -> Patches:
         try:
-            data = self.future.result()
+            parts = [(members, future.result()) for members, future in self.groups]
         except Exception as err:  # tensorstore raises ValueError/OSError subclasses
             self.reader._raise_for_box(self.plan, self._views, err)
             raise
         n = len(self.plan)
+        if len(parts) == 1:
+            data = parts[0][1]
+        else:
+            data = [None] * len(self._views)
+            for members, stack in parts:
+                for i, sample in zip(members.tolist(), stack):
+                    data[i] = sample
         return Patches(self.plan, data[:n], data[n:] if self.plan.fit else None)
 
 
@@ -108,6 +119,7 @@ class PatchReader:
         self._fovs = index.fovs
         self._chunks = index.fovs[[f"chunk_{a}" for a in "tczyx"]].to_numpy().astype(np.int64)
         self._itemsize = np.array([np.dtype(index.experiments.storage_dtype[e]).itemsize for e in index.fovs.exp])
+        self._fov_box = index.exp_box[index.fovs.exp.to_numpy()]
         self._reset()
 
     def _reset(self) -> None:
@@ -152,31 +164,39 @@ class PatchReader:
             self._stores[fov] = store
         return store
 
+    def box_shapes(self, boxes: ReadBoxes) -> np.ndarray:
+        """(B, 3) read box (Z, Y, X) of each sample: its experiment's (`index.exp_box`)."""
+        return self._fov_box[boxes.fov]
+
     def _views(self, boxes: ReadBoxes) -> list[ts.TensorStore]:
-        z, y, x = self.index.read_shape
         return [
             self._store(f)[t, list(c), z0 : z0 + z, y0 : y0 + y, x0 : x0 + x].translate_to[0]
-            for f, t, z0, y0, x0, c in zip(
+            for f, t, z0, y0, x0, c, (z, y, x) in zip(
                 boxes.fov.tolist(), boxes.t.tolist(), boxes.z.tolist(), boxes.y.tolist(), boxes.x.tolist(),
-                boxes.channels.tolist(),
+                boxes.channels.tolist(), self.box_shapes(boxes).tolist(),
             )
         ]
 
     # ------------------------------------------------------------------ reading
     def plan_bytes(self, plan: BatchPlan) -> int:
         """Bytes of the buffers a plan fills."""
-        per_patch = self.index.n_channels * int(np.prod(self.index.read_shape)) * self.dtype.itemsize
-        return per_patch * len(plan) * (2 if plan.fit else 1)
+        boxes = [plan.anchor_boxes] + ([plan.positive_boxes] if plan.fit else [])
+        voxels = sum(int(np.prod(self.box_shapes(b), axis=1).sum()) for b in boxes)
+        return voxels * self.index.n_channels * self.dtype.itemsize
 
     def submit(self, plan: BatchPlan) -> PendingRead:
         """Issue every read of a plan (anchors and positives together) and return at once."""
         views = self._views(plan.anchor_boxes)
+        shapes = self.box_shapes(plan.anchor_boxes)
         if plan.fit:
             views += self._views(plan.positive_boxes)
+            shapes = np.concatenate([shapes, self.box_shapes(plan.positive_boxes)])
+        unique, which = np.unique(shapes, axis=0, return_inverse=True)
+        groups = [np.flatnonzero(which.ravel() == g) for g in range(len(unique))]
         with ts.Batch() as batch:
-            future = ts.stack(views).read(batch=batch)
+            futures = [ts.stack([views[i] for i in members.tolist()]).read(batch=batch) for members in groups]
         self._count(plan)
-        return PendingRead(self, plan, future, self.plan_bytes(plan), views)
+        return PendingRead(self, plan, list(zip(groups, futures)), self.plan_bytes(plan), views)
 
     def read(self, plan: BatchPlan) -> Patches:
         """The plan's patches, read now."""
@@ -219,14 +239,15 @@ class PatchReader:
 
     def _chunks_touched(self, boxes: ReadBoxes) -> np.ndarray:
         """(n, 6) int64 rows (fov, t, c, z, y, x chunk indices) of every chunk the boxes touch."""
-        z, y, x = self.index.read_shape
         n_c = boxes.channels.shape[1]
+        size = np.repeat(np.concatenate([np.ones((len(boxes), 2), np.int64), self.box_shapes(boxes)], axis=1),
+                         n_c, axis=0)
         start = np.stack(np.broadcast_arrays(
             boxes.t[:, None], boxes.channels, boxes.z[:, None], boxes.y[:, None], boxes.x[:, None]), axis=-1
         ).reshape(-1, 5).astype(np.int64)
         grid = np.repeat(self._chunks[boxes.fov], n_c, axis=0)
         first = start // grid
-        count = (start + np.array([1, 1, z, y, x]) - 1) // grid - first + 1
+        count = (start + size - 1) // grid - first + 1
         total = np.prod(count, axis=1)
         owner = np.repeat(np.arange(len(first)), total)
         rest = np.arange(len(owner)) - np.repeat(np.cumsum(total) - total, total)
@@ -241,10 +262,9 @@ class PatchReader:
     def _raise_for_box(self, plan: BatchPlan, views: list, err: Exception) -> None:
         """Find the first box whose read fails and raise a PatchReadError naming it."""
         boxes = [("anchor", plan.anchor_boxes)] + ([("positive", plan.positive_boxes)] if plan.fit else [])
-        z, y, x = self.index.read_shape
         i = 0
         for role, b in boxes:
-            for j in range(len(b)):
+            for j, (z, y, x) in enumerate(self.box_shapes(b).tolist()):
                 try:
                     views[i].read().result()
                 except Exception as box_err:

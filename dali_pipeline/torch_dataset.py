@@ -25,6 +25,9 @@ def identity_collate(batch: Any) -> Any:
 class MultiExperimentTripletDataset(Dataset):
     """Anchor/positive patches of BatchPlans as CPU tensors in the stores' (promoted) dtype.
 
+    Where experiments have different pixel sizes, every patch is resampled to `index.read_shape`
+    (trilinear) and the tensors are float32.
+
     `__getitems__` takes a BatchPlan, or a list of anchor rows for which it builds a plan with its
     own generator (seeded by `seed`, advanced per call). `fit=False` gives predict batches over
     every observation. Reader options (cache, concurrency, strict) go to the PatchReader.
@@ -49,20 +52,31 @@ class MultiExperimentTripletDataset(Dataset):
         """A plan for a list of anchor rows, drawn with the dataset's own generator."""
         return make_plan(self.index, np.asarray(rows, dtype=np.int64), self._rng, predict=not self.fit)
 
+    def _tensor(self, part: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+        """A (B, C, Z, Y, X) tensor; boxes read at another pixel size are resampled (trilinear, float32)."""
+        if not self.index.resampled:
+            return torch.from_numpy(part)
+        size = self.index.read_shape
+        return torch.stack([
+            torch.nn.functional.interpolate(torch.from_numpy(np.asarray(s, np.float32))[None], size=size,
+                                            mode="trilinear", align_corners=False)[0]
+            for s in part
+        ])
+
     def __getitems__(self, batch: BatchPlan | list[int]) -> dict[str, Any]:
         plan = batch if isinstance(batch, BatchPlan) else self.plan(batch)
         if plan.fit != self.fit:
             raise ValueError(f"a {'training' if plan.fit else 'predict'} plan given to a dataset with fit={self.fit}")
         patches = self.reader.read(plan)
         out: dict[str, Any] = {
-            "anchor": torch.from_numpy(patches.anchor),
+            "anchor": self._tensor(patches.anchor),
             "anchor_norm_meta": reference_norm_meta(self.index, plan.anchor_norm),
         }
         if not plan.fit:
             out["index"] = row_meta(self.index, plan.anchor_rows, INDEX_COLUMNS, "dicts")
             return out
         out["anchor_meta"] = row_meta(self.index, plan.anchor_rows, META_COLUMNS, "dicts")
-        out["positive"] = torch.from_numpy(patches.positive)
+        out["positive"] = self._tensor(patches.positive)
         out["positive_norm_meta"] = reference_norm_meta(self.index, plan.positive_norm)
         out["positive_meta"] = row_meta(self.index, plan.positive_rows, META_COLUMNS, "dicts")
         return out

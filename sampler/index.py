@@ -23,7 +23,7 @@ from sampler.registry import ExperimentRegistry
 from sampler.tau import tau_weight_table
 from sampler.tracks import read_tracks
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 #: the per-row fields plans read, stored row-major (`LineageIndex.hot_rows`)
 HOT = ("t", "group", "exp", "fov", "y_clamp", "x_clamp", "channel")
 T, GROUP, EXP, FOV, Y_CLAMP, X_CLAMP, CHANNEL = range(len(HOT))
@@ -117,6 +117,8 @@ class LineageIndex:
         self.exp_tau_min = experiments.tau_min.to_numpy().astype(np.int64)
         self.exp_tau_max = experiments.tau_max.to_numpy().astype(np.int64)
         self.exp_z_start = experiments.z_start.to_numpy().astype(np.int32)
+        #: (E, 3) read box (Z, Y, X) per experiment: the common read shape scaled by its pixel size
+        self.exp_box = np.stack([experiments.box_z, experiments.box_y, experiments.box_x], axis=1).astype(np.int32)
         #: (E, K) tau weights per experiment, column k for tau_min + k; 0 outside the range and at tau = 0
         self.tau_table = tau_weight_table(self.exp_tau_min, self.exp_tau_max, config.tau_decay)
         self._build_lookup()
@@ -137,6 +139,8 @@ class LineageIndex:
         for e, exp in enumerate(registry.experiments):
             tau_min, tau_max = registry.tau_range_frames(exp.name, config.tau_range_hours)
             z0, z1 = registry.z_ranges[exp.name]
+            box_z0, box_z, box_y, box_x = registry.read_box(exp.name, config.patch_yx)
+            scale_z, scale_y, scale_x = registry.scale_factors[exp.name]
             dtype = registry.first_fovs[exp.name].array.dtype
             if config.channel_mode == "all":
                 missing = [label for label in labels if label not in exp.channels]
@@ -150,7 +154,9 @@ class LineageIndex:
             exp_rows.append(
                 dict(name=exp.name, data_path=exp.data_path, tracks_path=exp.tracks_path,
                      interval_minutes=exp.interval_minutes, start_hpi=exp.start_hpi,
-                     tau_min=tau_min, tau_max=tau_max, z_start=z0, z_stop=z1, storage_dtype=dtype.str)
+                     tau_min=tau_min, tau_max=tau_max, depth=z1 - z0, z_start=box_z0, box_z=box_z,
+                     box_y=box_y, box_x=box_x, scale_z=scale_z, scale_y=scale_y, scale_x=scale_x,
+                     storage_dtype=dtype.str)
             )
             names = registry.selected_fovs(exp.name)
             plate = registry.plates[exp.name]
@@ -161,13 +167,16 @@ class LineageIndex:
                         f"from the plate's first FOV {registry.zarr_channels[exp.name]}"
                     )
                 T, C, Z, Y, X = fov.array.shape
-                if Z < z1:
+                if box_z0 < 0 or Z < box_z0 + box_z:
                     raise ValueError(
-                        f"Experiment '{exp.name}', FOV {fov.name}: {Z} Z slices, but the Z window is [{z0}, {z1})"
+                        f"Experiment '{exp.name}', FOV {fov.name}: {Z} Z slices, but the Z window "
+                        f"(scaled by the pixel size) is [{box_z0}, {box_z0 + box_z})"
                     )
-                if Y < config.patch_yx[0] or X < config.patch_yx[1]:
+                if Y < box_y or X < box_x:
                     raise ValueError(
-                        f"Experiment '{exp.name}', FOV {fov.name}: image {Y}x{X} is smaller than patch_yx {config.patch_yx}"
+                        f"Experiment '{exp.name}', FOV {fov.name}: image {Y}x{X} is smaller than the read box "
+                        f"{box_y}x{box_x} (patch_yx {config.patch_yx} at this experiment's pixel size); "
+                        f"choose a smaller patch"
                     )
                 if fov.array.dtype != dtype:
                     raise ValueError(
@@ -202,7 +211,7 @@ class LineageIndex:
         raw["fov"] = np.repeat(np.arange(len(fovs), dtype=np.int32), counts)
 
         forest, raw["track"] = _lineage(raw, fovs)
-        keep = _borders(raw, fovs, config)
+        keep = _borders(raw, fovs, pd.DataFrame(exp_rows), config)
 
         label_ok = np.stack(fov_label_ok)
         zarr_names = [
@@ -349,9 +358,13 @@ class LineageIndex:
 
     @property
     def read_shape(self) -> tuple[int, int, int]:
-        """(Z, Y, X) of every read box."""
-        z = int((self.experiments.z_stop - self.experiments.z_start).iloc[0])
-        return (z, *self.config.patch_yx)
+        """(Z, Y, X) of every patch delivered: read boxes are resampled to it (see `exp_box`)."""
+        return (int(self.experiments.depth.iloc[0]), *self.config.patch_yx)
+
+    @property
+    def resampled(self) -> bool:
+        """Whether some experiment's read box differs from `read_shape` (pixel-size normalization)."""
+        return bool((self.exp_box != np.array(self.read_shape)).any())
 
     @property
     def batch_dtype(self) -> np.dtype:
@@ -485,30 +498,50 @@ def _lineage(raw: dict[str, np.ndarray], fovs: pd.DataFrame) -> tuple[dict[str, 
         ids = sorted(int(x) for x in t_tid[bad][t_fov[bad] == f])
         raise ValueError(
             f"Experiment '{fovs.experiment[f]}', FOV {fovs.fov_name[f]}: parent_track_id links form a cycle "
-            f"through tracks {ids[:20]}"
+            f"through tracks {ids[:20]}; fix their parent_track_id (a root has -1 or an empty parent)"
         ) from None
     arrays = dict(parent=forest.parent, root=forest.root, tin=forest.tin, tout=forest.tout,
                   fov=t_fov.astype(np.int32), track_id=t_tid)
     return arrays, track
 
 
-def _borders(raw: dict[str, np.ndarray], fovs: pd.DataFrame, config: IndexConfig) -> np.ndarray:
-    """Clamp patch centres into the image; drop rows outside it or shifted too far (counted per FOV)."""
+def _borders(raw: dict[str, np.ndarray], fovs: pd.DataFrame, experiments: pd.DataFrame,
+             config: IndexConfig) -> np.ndarray:
+    """Clamp patch centres into the image; drop rows outside it or shifted too far (counted per FOV).
+
+    The read box and the maximum shift are those of the row's experiment (scaled by its pixel size).
+    """
     fov = raw["fov"]
     H, W, T = (fovs[k].to_numpy()[fov] for k in ("Y", "X", "T"))
+    exp = fovs.exp.to_numpy()[fov]
     y, x = raw["y"], raw["x"]
-    hy, hx = config.patch_yx[0] // 2, config.patch_yx[1] // 2
+    by, bx = experiments.box_y.to_numpy()[exp], experiments.box_x.to_numpy()[exp]
+    hy, hx = by // 2, bx // 2
     inside = (y >= 0) & (y < H) & (x >= 0) & (x < W) & (raw["t"] < T)
     shift = config.border_shift
-    if shift > 0:
-        yc, xc = np.clip(y, hy, H - hy), np.clip(x, hx, W - hx)
-        near = (np.abs(yc - y) <= shift) & (np.abs(xc - x) <= shift)
+    if shift > 0:  # a box starts at centre - size // 2 and must end inside the image
+        yc, xc = np.clip(y, hy, H - (by - hy)), np.clip(x, hx, W - (bx - hx))
+        shift_y = np.round(shift * experiments.scale_y.to_numpy()[exp])
+        shift_x = np.round(shift * experiments.scale_x.to_numpy()[exp])
+        near = (np.abs(yc - y) <= shift_y) & (np.abs(xc - x) <= shift_x)
     else:
         yc, xc = y, x
-        near = (y >= hy) & (y <= H - hy) & (x >= hx) & (x <= W - hx)
+        near = (y >= hy) & (y <= H - (by - hy)) & (x >= hx) & (x <= W - (bx - hx))
     raw["y_clamp"] = np.where(inside, yc, 0).astype(np.int32)
     raw["x_clamp"] = np.where(inside, xc, 0).astype(np.int32)
     n = len(fovs)
+    rows_per_fov = np.bincount(fov, minlength=n)
+    lost = np.flatnonzero((rows_per_fov > 0) & (np.bincount(fov[inside], minlength=n) == 0))
+    if len(lost):
+        f = int(lost[0])
+        r = int(np.flatnonzero(fov == f)[0])
+        T_, H_, W_ = (int(fovs[k].iloc[f]) for k in ("T", "Y", "X"))
+        raise ValueError(
+            f"Experiment '{fovs.experiment.iloc[f]}', FOV {fovs.fov_name.iloc[f]}: all {int(rows_per_fov[f])} rows of "
+            f"its tracks CSV lie outside the image ({T_} frames of {H_}x{W_} px; e.g. t={int(raw['t'][r])}, "
+            f"y={y[r]:g}, x={x[r]:g}); give y, x in pixels of this image (not microns, not swapped) and t < {T_}, "
+            "or list the FOV in exclude_fovs"
+        )
     fovs["dropped_outside"] = np.bincount(fov[~inside], minlength=n)
     fovs["dropped_border"] = np.bincount(fov[inside & ~near], minlength=n)
     return inside & near

@@ -15,8 +15,8 @@ from sampler.positives import positives_of
 class ReadBoxes:
     """Where each patch lives: FOV code (row of `index.fovs`), t, box start and channel indices.
 
-    The box size is `index.read_shape` for every sample; `channels` (B, C) are zarr channel
-    indices in canonical order.
+    The box size is that of the sample's experiment (`index.exp_box`, which is `index.read_shape`
+    unless pixel sizes differ); `channels` (B, C) are zarr channel indices in canonical order.
     """
 
     fov: np.ndarray  # int32 (B,)
@@ -71,15 +71,15 @@ def read_boxes(index: LineageIndex, rows: np.ndarray) -> ReadBoxes:
 
 
 def _boxes(index: LineageIndex, hot: np.ndarray) -> ReadBoxes:
-    hy, hx = index.config.patch_yx[0] // 2, index.config.patch_yx[1] // 2
     exp = hot[:, EXP]
+    half = index.exp_box[exp] // 2
     if index.config.channel_mode == "bag":
         channels = hot[:, CHANNEL, None].copy()
     else:
         channels = index.exp_channels[exp]
     return ReadBoxes(
         fov=hot[:, FOV].copy(), t=hot[:, T].copy(), z=index.exp_z_start[exp],
-        y=hot[:, Y_CLAMP] - hy, x=hot[:, X_CLAMP] - hx, channels=channels,
+        y=hot[:, Y_CLAMP] - half[:, 1], x=hot[:, X_CLAMP] - half[:, 2], channels=channels,
     )
 
 

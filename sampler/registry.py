@@ -40,6 +40,8 @@ class Experiment:
     exclude_wells: list[str] = field(default_factory=list)
     include_fovs: list[str] = field(default_factory=list)
     exclude_fovs: list[str] = field(default_factory=list)
+    pixel_size_xy_um: float | None = None
+    pixel_size_z_um: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def perturbation_of(self, well: str) -> str:
@@ -51,7 +53,8 @@ class Experiment:
 
 _EXPERIMENT_KEYS = {
     "name", "data_path", "tracks_path", "channels", "perturbation_wells", "interval_minutes",
-    "start_hpi", "include_wells", "exclude_wells", "include_fovs", "exclude_fovs",
+    "start_hpi", "include_wells", "exclude_wells", "include_fovs", "exclude_fovs", "pixel_size_xy_um",
+    "pixel_size_z_um",
 }
 
 
@@ -122,8 +125,22 @@ def experiment_from_dict(raw: dict[str, Any], base_dir: str | None = None, datas
         exclude_wells=[str(w).strip("/") for w in raw.get("exclude_wells") or []],
         include_fovs=[str(f).strip("/") for f in raw.get("include_fovs") or []],
         exclude_fovs=[str(f).strip("/") for f in raw.get("exclude_fovs") or []],
+        pixel_size_xy_um=_optional_positive(name, "pixel_size_xy_um", raw.get("pixel_size_xy_um")),
+        pixel_size_z_um=_optional_positive(name, "pixel_size_z_um", raw.get("pixel_size_z_um")),
         extra={k: v for k, v in raw.items() if k not in _EXPERIMENT_KEYS},
     )
+
+
+def _optional_positive(exp_name: str, key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number > 0:
+        raise ValueError(f"Experiment '{exp_name}': {key} must be a positive number of microns, got {value!r}")
+    return number
 
 
 class ExperimentRegistry:
@@ -132,6 +149,9 @@ class ExperimentRegistry:
     `labels` are the collection's canonical channel labels: the channel order of every batch.
     Z settings follow the reference: `z_extraction_window` (default `z_window`) slices are read per
     experiment around the plate focus (or the middle), `z_focus_offset` of them below focus.
+    With `reference_pixel_size_xy_um` / `_z_um`, experiments imaged at other pixel sizes are read
+    over a box scaled by `scale_factors[exp] = (z, y, x)` = reference / experiment pixel size and
+    resampled to the common patch size (so a patch covers the same microns in every experiment).
     """
 
     def __init__(
@@ -143,6 +163,8 @@ class ExperimentRegistry:
         z_extraction_window: int | None = None,
         z_focus_offset: float = 0.5,
         focus_channel: str | None = None,
+        reference_pixel_size_xy_um: float | None = None,
+        reference_pixel_size_z_um: float | None = None,
     ) -> None:
         if not experiments:
             raise ValueError("Empty experiments list: at least one experiment is required.")
@@ -165,6 +187,19 @@ class ExperimentRegistry:
         self.zarr_channels: dict[str, list[str]] = {}
         self.channel_maps: dict[str, dict[int, int]] = {}
         self.z_ranges: dict[str, tuple[int, int]] = {}
+        self.reference_pixel_size_xy_um = reference_pixel_size_xy_um
+        self.reference_pixel_size_z_um = reference_pixel_size_z_um
+        for axis, reference in (("xy", reference_pixel_size_xy_um), ("z", reference_pixel_size_z_um)):
+            missing = [e.name for e in experiments if getattr(e, f"pixel_size_{axis}_um") is None]
+            if reference is not None and missing:
+                raise ValueError(
+                    f"reference_pixel_size_{axis}_um set but experiments missing pixel_size_{axis}_um: {missing}"
+                )
+        self.scale_factors: dict[str, tuple[float, float, float]] = {
+            e.name: (_scale(reference_pixel_size_z_um, e.pixel_size_z_um),
+                     *(_scale(reference_pixel_size_xy_um, e.pixel_size_xy_um),) * 2)
+            for e in experiments
+        }
         for exp in experiments:
             self._validate(exp)
         depths = {name: stop - start for name, (start, stop) in self.z_ranges.items()}
@@ -292,5 +327,22 @@ class ExperimentRegistry:
             fovs = [f for f in fovs if f in exp.include_fovs]
         return [f for f in fovs if f not in exp.exclude_fovs]
 
+    def read_box(self, name: str, patch_yx: tuple[int, int]) -> tuple[int, int, int, int]:
+        """(z_start, z_count, y_size, x_size) of an experiment's read box for a common `patch_yx`.
+
+        Sizes scale with the pixel size (round(size * scale)); the Z window keeps its centre and
+        takes round(depth * scale_z) slices, as the reference.
+        """
+        sz, sy, sx = self.scale_factors[name]
+        z0, z1 = self.z_ranges[name]
+        count = max(1, round((z1 - z0) * sz))
+        start = (z0 + z1) // 2 - count // 2 if count != z1 - z0 else z0
+        return start, count, max(1, round(patch_yx[0] * sy)), max(1, round(patch_yx[1] * sx))
+
     def storage_dtypes(self) -> dict[str, np.dtype]:
         return {name: fov.array.dtype for name, fov in self.first_fovs.items()}
+
+
+def _scale(reference: float | None, pixel: float | None) -> float:
+    """reference / experiment pixel size, 1 when either is unknown (as the reference)."""
+    return 1.0 if reference is None or pixel is None else reference / pixel
