@@ -11,7 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import tensorstore as ts
-from tqdm.auto import tqdm
+from sampler.progress import tqdm
 
 from sampler.kvstore import is_local, join, local_path, to_url
 
@@ -31,9 +31,14 @@ def find_csv(tracks_path: str, fov_name: str) -> tuple[str, bytes]:
         kv = ts.KvStore.open(url).result()
         names = sorted(k.decode() for k in kv.list().result() if k.endswith(b".csv") and b"/" not in k)
     if not names:
-        raise FileNotFoundError(f"No tracking CSV in {url}")
+        raise FileNotFoundError(
+            f"No tracking CSV in {url} (FOV {fov_name}); put its tracks CSV there or list the FOV in the "
+            "experiment's exclude_fovs"
+        )
     if len(names) > 1:
-        raise ValueError(f"Expected exactly one tracking CSV in {url}, found: {names}")
+        raise ValueError(
+            f"Expected exactly one tracking CSV in {url}, found: {names} (FOV {fov_name}); keep one of them"
+        )
     if is_local(url):
         with open(os.path.join(local_path(url), names[0]), "rb") as f:
             return url + names[0], f.read()
@@ -51,7 +56,10 @@ def parse_tracks(source: str, raw: bytes) -> dict[str, np.ndarray]:
         raise ValueError(f"{source}: not a readable CSV: {err}") from None
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
-        raise ValueError(f"{source}: missing required columns {missing}; columns are {table.column_names}")
+        raise ValueError(
+            f"{source}: missing required columns {missing}; columns are {table.column_names} "
+            f"(a tracks CSV needs {', '.join(REQUIRED)})"
+        )
     out = {}
     for col in REQUIRED + OPTIONAL_INT:
         if col not in table.column_names:
@@ -67,7 +75,15 @@ def parse_tracks(source: str, raw: bytes) -> dict[str, np.ndarray]:
             out[col] = _parse_slow(source, col, column.to_pandas())
     if (out["t"] < 0).any():
         row = int(np.flatnonzero(out["t"] < 0)[0])
-        raise ValueError(f"{source}: negative t {out['t'][row]} at data row {row + 1}")
+        raise ValueError(f"{source}: negative t {out['t'][row]} at data row {row + 1}; frames count from 0")
+    for col in ("y", "x"):
+        bad = ~np.isfinite(out[col])
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise ValueError(
+                f"{source}: column '{col}' has a NaN or infinite coordinate ({out[col][row]}) at data row {row + 1} "
+                f"({int(bad.sum())} such rows); fix or remove those rows"
+            )
     out["parent_track_id"] = np.where(out["parent_track_id"] < 0, -1, out["parent_track_id"])
     order = np.lexsort((out["t"], out["track_id"]))
     tid, t = out["track_id"][order], out["t"][order]
@@ -76,7 +92,7 @@ def parse_tracks(source: str, raw: bytes) -> dict[str, np.ndarray]:
         row = int(max(order[dup[0]], order[dup[0] + 1]))
         raise ValueError(
             f"{source}: duplicate (track_id, t) = ({out['track_id'][row]}, {out['t'][row]}) at data row {row + 1}; "
-            "a track has one observation per frame"
+            "a track has one observation per frame; remove the duplicate or give it its own track_id"
         )
     return out
 
@@ -89,15 +105,20 @@ def _parse_slow(source: str, col: str, values: pd.Series) -> np.ndarray:
         bad |= np.isnan(numbers)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"{source}: column '{col}' has a missing or non-numeric value {values.iloc[row]!r} at data row {row + 1}"
-        )
+        value = values.iloc[row]
+        if pd.isna(value):  # pyarrow reads empty, NaN, NA and null as missing
+            what = "a missing (empty or NaN) " + ("coordinate" if col in ("y", "x") else "value")
+        else:
+            what = f"a missing or non-numeric value {value!r}"
+        raise ValueError(f"{source}: column '{col}' has {what} at data row {row + 1}; fix or remove that row")
     if col in ("y", "x"):
         return numbers
     numbers = np.where(np.isnan(numbers), MISSING.get(col, -1), numbers)
     if not np.all(numbers == np.round(numbers)):
         row = int(np.flatnonzero(numbers != np.round(numbers))[0])
-        raise ValueError(f"{source}: column '{col}' must hold integers, got {numbers[row]} at data row {row + 1}")
+        raise ValueError(
+            f"{source}: column '{col}' must hold integers, got {numbers[row]} at data row {row + 1}; fix that row"
+        )
     return numbers.astype(np.int64)
 
 

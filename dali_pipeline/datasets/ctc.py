@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from tqdm.auto import tqdm
+from sampler.progress import tqdm
 
 from dali_pipeline.datasets.omezarr import STAT_NAMES, PlateWriter, atomic_directory, summary_stats
 
