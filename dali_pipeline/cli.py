@@ -1,16 +1,38 @@
-"""`dynaclr-dali`: the command line (index today; demo, preview, convert and bench to come)."""
+"""`dynaclr-dali`: the command line.
+
+  demo               train a small encoder with NT-Xent on the built-in dataset (the main job)
+  index              build a collection's lineage index, print its summary, plot lineage trees
+  preview            a labelled montage of anchor/positive pairs of a collection
+  convert-ctc        a Cell Tracking Challenge sequence into a collection
+  import-cell-index  the reference's cell-index parquet into a collection (lineages verified)
+  make-synthetic     write a seeded synthetic collection (small, medium, large)
+  bench              DALI loader vs raw read ceiling vs torch DataLoader on the same plans
+
+Exit codes: 0 on success, 2 on bad input (one line on stderr naming the file, FOV, row or
+experiment and how to fix it; `--debug` shows the traceback), 1 when the environment lacks
+something (DALI).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+import tempfile
+import time
 import traceback
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
+import yaml
 
 from sampler import ExperimentRegistry, IndexConfig, LineageIndex
+
+PROG = "dynaclr-dali"
 
 
 class UsageError(Exception):
@@ -34,6 +56,101 @@ def demo_collection() -> Path:
     return yaml_path
 
 
+# ---------------------------------------------------------------------- input checks
+#: fixes appended to the registry's messages (which name the experiment) when they lack one
+_HINTS = (
+    ("data_path does not exist", "fix data_path (a relative path is resolved against the YAML's folder)"),
+    ("no OME-Zarr group here", "data_path must be an OME-Zarr HCS plate, the folder holding the plate's "
+                               "zarr.json or .zattrs"),
+    ("not an OME-Zarr HCS plate", "data_path must be an OME-Zarr HCS plate, not one of its wells or FOVs"),
+    ("not found in zarr", "map each label to one of the available zarr channel names under the experiment's "
+                          "'channels'"),
+    ("are not among the collection's labels", "add them to the top-level 'channels' list or fix the "
+                                               "experiment's labels"),
+    ("are not in the plate", "fix perturbation_wells (wells look like 'B/3')"),
+    ("hold no FOVs", "fix perturbation_wells or the include/exclude lists"),
+    ("must be positive", "fix that value in the YAML"),
+    ("must not be empty", "list at least one perturbation with its wells"),
+    ("lists no wells", "list its wells or remove it"),
+)
+
+_FIELDS = {
+    "data_path": "the HCS OME-Zarr plate, absolute or relative to the YAML",
+    "tracks_path": "the folder holding {row}/{col}/{fov}/tracks.csv",
+    "channels": "{label: zarr channel name}",
+    "perturbation_wells": "{perturbation: [wells]}",
+    "interval_minutes": "minutes between frames",
+}
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _with_hint(message: str) -> str:
+    for needle, hint in _HINTS:
+        if needle in message:
+            return f"{message.rstrip('.')}; {hint}"
+    return message
+
+
+def read_collection_yaml(path: Path) -> dict[str, Any]:
+    """The parsed YAML of a collection, with one-line errors for syntax and missing fields."""
+    if not path.is_file():
+        raise UsageError(f"{path}: no such collection YAML; pass the path of a collection YAML, or omit it for the "
+                         "built-in demo dataset")
+    try:
+        with open(path) as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise UsageError(f"{path}: not valid YAML{where}: {problem}; fix the syntax (indentation, a ':' after "
+                         "each key, quotes around values with ':' or '#')") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("experiments"), list) or not doc["experiments"]:
+        raise UsageError(f"{path}: a collection needs a non-empty 'experiments:' list (see the README's collection "
+                         "YAML)")
+    for i, exp in enumerate(doc["experiments"]):
+        if not isinstance(exp, dict) or "name" not in exp:
+            raise UsageError(f"{path}: experiment #{i + 1} must be a mapping with a 'name'; got {exp!r}")
+        for key, what in _FIELDS.items():
+            if key not in exp:
+                raise UsageError(f"{path}: Experiment '{exp['name']}': missing required key '{key}' ({what}); "
+                                 "add it to the experiment's entry")
+    return doc
+
+
+def load_registry(path: Path, z_window: int | None = None) -> ExperimentRegistry:
+    """The registry of a collection YAML; errors name the YAML and the experiment and say how to fix it."""
+    read_collection_yaml(path)
+    try:
+        return ExperimentRegistry.from_yaml(path, z_window=z_window)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(f"{path}: {_with_hint(_one_line(err))}") from None
+
+
+def check_outputs(paths: list[Path | str], overwrite: bool) -> None:
+    """Refuse existing outputs unless --overwrite."""
+    for p in paths:
+        if os.path.lexists(p) and not overwrite:
+            raise UsageError(f"{p} exists; pass --overwrite to replace it")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _index_config(args: argparse.Namespace) -> IndexConfig:
     return IndexConfig(
         patch_yx=tuple(args.patch), max_border_shift=args.max_border_shift, tau_range_hours=tuple(args.tau_hours),
@@ -42,55 +159,460 @@ def _index_config(args: argparse.Namespace) -> IndexConfig:
     )
 
 
+def _collection(args: argparse.Namespace) -> Path:
+    return Path(args.collection) if args.collection else demo_collection()
+
+
+def build_index(args: argparse.Namespace) -> tuple[Path, LineageIndex]:
+    collection = _collection(args)
+    registry = load_registry(collection, z_window=args.z_window)
+    return collection, LineageIndex.build(registry, _index_config(args), threads=args.threads,
+                                          progress=sys.stderr.isatty())
+
+
+def _no_anchors_message(index: LineageIndex) -> str:
+    frames = ", ".join(f"{n} {lo}..{hi}" for n, lo, hi in zip(index.experiments.name, index.exp_tau_min,
+                                                                index.exp_tau_max))
+    return (f"no valid anchors in {len(index)} observations: no row has a positive under policy "
+            f"'{index.config.positive_policy}' at --tau-hours {index.config.tau_range_hours[0]:g} "
+            f"{index.config.tau_range_hours[1]:g} (frames per experiment: {frames}; tau = 0 excluded); widen "
+            "--tau-hours, or check that tracks last longer than one frame")
+
+
+def _device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    from dali_pipeline._dali import gpu_count
+
+    return "gpu" if gpu_count() > 0 and torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    outputs = {name: out / name for name in ("pairs.png", "loss.png", "summary.json")}
+    check_outputs(list(outputs.values()), args.overwrite)
+    if args.steps < 1 or args.batch_size < 2:
+        raise UsageError(f"--steps must be >= 1 and --batch-size >= 2, got {args.steps} and {args.batch_size}")
+    import torch
+
+    from dali_pipeline.demo import SmallEncoder, to_images, train
+    from dali_pipeline.loader import TripletLoader
+    from dali_pipeline.plots import loss_figure, pair_labels, pairs_figure, save_png
+    from sampler import TripletSampler
+
+    device = _device(args.device)
+    t0 = time.perf_counter()
+    collection = demo_collection()
+    t_data = time.perf_counter() - t0
+    registry = load_registry(collection)
+    t0 = time.perf_counter()
+    index = LineageIndex.build(registry, IndexConfig(patch_yx=(args.patch, args.patch)), progress=False)
+    t_index = time.perf_counter() - t0
+    sampler = TripletSampler(index, args.batch_size, seed=args.seed)
+    loader = TripletLoader(index, sampler, device=device, device_id=0 if device == "gpu" else None,
+                           z_reduction="max")
+    torch.manual_seed(args.seed)
+    model = SmallEncoder(index.n_channels, width=args.width)
+    torch_device = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
+    print(f"training a small encoder (NT-Xent, temperature {args.temperature:g}) for {args.steps} steps of "
+          f"{args.batch_size} pairs on the DALI {device} pipeline", file=sys.stderr)
+    threads = torch.get_num_threads()
+    if device == "cpu":  # leave a core to the DALI pipeline's threads: oversubscription costs more than it gives
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    try:
+        result = train(loader, model, args.steps, device=torch_device, lr=args.lr, temperature=args.temperature)
+    finally:
+        torch.set_num_threads(threads)
+    start, end = result.loss_ends(10)
+
+    batch = result.last_batch
+    meta_a, meta_p = batch["anchor_meta"], batch["positive_meta"]
+    labels = pair_labels(meta_a, meta_p)
+    crossing = [i for i, lab in enumerate(labels) if lab.division][:3]
+    chosen = sorted(crossing + [i for i in range(len(labels)) if i not in crossing][: 8 - len(crossing)])
+    anchor = to_images(batch["anchor"]).cpu().numpy()[chosen]
+    positive = to_images(batch["positive"]).cpu().numpy()[chosen]
+    save_png(pairs_figure(anchor, positive, [labels[i] for i in chosen], index.labels,
+                          f"demo: anchor/positive pairs of the last step (batch of {args.batch_size}, "
+                          f"Z max projection, normalized)"), outputs["pairs.png"])
+    save_png(loss_figure(result.losses, f"demo: NT-Xent loss, {args.steps} steps of {args.batch_size} pairs "
+                                        f"({start:.2f} -> {end:.2f})"), outputs["loss.png"])
+
+    manifest_path = collection.parent / "manifest.json"
+    on_disk = json.loads(manifest_path.read_text()).get("bytes_on_disk") if manifest_path.exists() else None
+    summary = index.summary()
+    tau = ", ".join(f"{n} {lo}..{hi}" for n, lo, hi in zip(index.experiments.name, index.exp_tau_min,
+                                                            index.exp_tau_max))
+    report = dict(
+        collection=str(collection), device=device, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+        experiments=len(index.experiments), fovs=len(index.fovs), observations=len(index),
+        valid_anchors=len(index.valid), divisions=int(summary.divisions.sum()), bytes_on_disk=on_disk,
+        data_seconds=t_data, index_seconds=t_index, train_seconds=result.seconds,
+        pairs_per_s=result.pairs_per_s, loader_pairs_per_s=result.loader_pairs_per_s,
+        loss_start=start, loss_end=end, losses=result.losses,
+    )
+    _atomic_text(outputs["summary.json"], json.dumps(report, indent=1) + "\n")
+    size = f", {on_disk / 1e6:.1f} MB on disk" if on_disk else ""
+    print(f"data        {collection}: {len(index.experiments)} experiments, {len(index.fovs)} FOVs, "
+          f"{int(summary.tracks.sum())} tracks, {report['divisions']} divisions{size} (ready in {t_data:.1f} s)")
+    print(f"index       {len(index)} observations, {len(index.valid)} valid anchors ({index.config.positive_policy}), "
+          f"tau frames {tau}, read box (Z, Y, X) {index.read_shape}, built in {t_index:.2f} s")
+    print(f"throughput  {result.pairs_per_s:,.0f} pairs/s training end to end; the DALI {device} loader alone "
+          f"{result.loader_pairs_per_s:,.0f} pairs/s (pairs per second spent waiting for batches)")
+    print(f"loss        NT-Xent {start:.3f} (mean of the first 10 steps) -> {end:.3f} (last 10), "
+          f"{end / start:.0%} of the start, in {result.seconds:.1f} s")
+    print(f"outputs     {outputs['pairs.png']}, {outputs['loss.png']}, {outputs['summary.json']}")
+
+
+# ---------------------------------------------------------------------- index
+def _split_fov(spec: str, index: LineageIndex) -> int:
+    """The row of index.fovs named by 'A/1/0' or 'EXPERIMENT/A/1/0'."""
+    parts = spec.strip("/").split("/")
+    if len(parts) < 3:
+        raise UsageError(f"--plot-lineage {spec!r}: name an FOV as ROW/COL/FOV (e.g. A/1/0) or EXPERIMENT/ROW/COL/FOV")
+    fov_name, experiment = "/".join(parts[-3:]), "/".join(parts[:-3]) or None
+    fovs = index.fovs
+    hit = (fovs.fov_name == fov_name) & ((fovs.experiment == experiment) if experiment else True)
+    rows = np.flatnonzero(hit.to_numpy())
+    known = [f"{e}/{f}" for e, f in zip(fovs.experiment, fovs.fov_name)]
+    if len(rows) == 0:
+        raise UsageError(f"--plot-lineage {spec!r}: no such FOV in the index; FOVs are {known[:12]}"
+                         f"{' ...' if len(known) > 12 else ''}")
+    if len(rows) > 1:
+        raise UsageError(f"--plot-lineage {spec!r}: FOV {fov_name} is in several experiments "
+                         f"{fovs.experiment.to_numpy()[rows].tolist()}; prefix it with one, e.g. "
+                         f"{fovs.experiment.iloc[rows[0]]}/{fov_name}")
+    return int(rows[0])
+
+
+def plot_lineage(index: LineageIndex, spec: str, out: Path) -> None:
+    from dali_pipeline.plots import lineage_figure, save_png
+    from sampler.tracks import find_csv, parse_tracks
+
+    f = _split_fov(spec, index)
+    row = index.fovs.iloc[f]
+    exp = index.experiments[index.experiments.name == row.experiment].iloc[0]
+    source, raw = find_csv(exp.tracks_path, row.fov_name)
+    cols = parse_tracks(source, raw)
+    mine = index.tracks[index.tracks.fov.to_numpy() == f]
+    kept_keys = set(zip(mine.track_id.tolist(), mine.t.tolist()))
+    kept = np.array([(a, b) in kept_keys for a, b in zip(cols["track_id"].tolist(), cols["t"].tolist())], dtype=bool)
+    fig = lineage_figure(cols["track_id"], cols["t"], cols["parent_track_id"], kept,
+                         f"{row.experiment} {row.fov_name} ({row.perturbation})")
+    save_png(fig, out)
+    print(f"lineage trees of {row.experiment} {row.fov_name}: {out}")
+
+
 def cmd_index(args: argparse.Namespace) -> None:
-    collection = Path(args.collection) if args.collection else demo_collection()
-    if not collection.exists():
-        raise UsageError(f"{collection}: no such collection YAML")
-    registry = ExperimentRegistry.from_yaml(collection, z_window=args.z_window)
-    index = LineageIndex.build(registry, _index_config(args), threads=args.threads)
+    outputs = ([args.save] if args.save else []) + ([args.out] if args.plot_lineage else [])
+    check_outputs(outputs, args.overwrite)
+    collection, index = build_index(args)
     with pd.option_context("display.width", 200, "display.max_columns", 30):
         print(f"collection: {collection}")
         print(index.summary().to_string(index=False))
         print(f"observations {len(index)}, valid anchors ({index.config.positive_policy}) {len(index.valid)}, "
               f"channels {index.labels if index.config.channel_mode == 'all' else 'bag of ' + str(index.labels)}, "
               f"read box (Z, Y, X) {index.read_shape}, batch dtype {index.batch_dtype}")
+    if len(index.valid) == 0:
+        raise UsageError(f"{collection}: {_no_anchors_message(index)}")
     if args.save:
         index.save(args.save, overwrite=args.overwrite)
         print(f"saved {args.save} ({os.path.getsize(args.save) / 2**20:.1f} MiB)")
+    if args.plot_lineage:
+        plot_lineage(index, args.plot_lineage, Path(args.out))
+
+
+# ---------------------------------------------------------------------- preview
+def cmd_preview(args: argparse.Namespace) -> None:
+    from dali_pipeline.plots import PairLabel, pairs_figure, save_png
+    from dali_pipeline.reader import PatchReader
+    from sampler import TripletSampler
+
+    check_outputs([args.out], args.overwrite)
+    if args.n < 1:
+        raise UsageError(f"--n must be >= 1, got {args.n}")
+    collection, index = build_index(args)
+    if len(index.valid) == 0:
+        raise UsageError(f"{collection}: {_no_anchors_message(index)}")
+    n = min(args.n, len(index.valid))
+    sampler = TripletSampler(index, n, seed=args.seed)
+    plan = sampler.plan(args.step % len(sampler), args.step // len(sampler))
+    patches = PatchReader(index).read(plan)
+
+    def images(x: np.ndarray, norm: np.ndarray) -> np.ndarray:
+        x = x.max(axis=2) if args.z == "max" else x[:, :, x.shape[2] // 2]
+        x = x.astype(np.float32)
+        return (x - norm[..., 0, None, None]) / (norm[..., 1, None, None] + 1e-8)
+
+    anchor, positive = images(patches.anchor, plan.anchor_norm), images(patches.positive, plan.positive_norm)
+    a, p = plan.anchor_rows, plan.positive_rows
+    v = index.values
+    bag = index.config.channel_mode == "bag"
+    labels = [
+        PairLabel(experiment=str(e), fov_name=str(fv), lineage=str(lin).rsplit("_", 1)[-1], anchor_track=int(ta),
+                  positive_track=int(tp), t_anchor=int(t1), t_positive=int(t2), tau_hours=float(h2) - float(h1),
+                  perturbation=str(pert) + (f", {mk}" if bag else ""))
+        for e, fv, lin, ta, tp, t1, t2, h1, h2, pert, mk in zip(
+            v("experiment", a), v("fov_name", a), v("lineage_id", a), v("track_id", a), v("track_id", p), v("t", a),
+            v("t", p), v("hours_post_perturbation", a), v("hours_post_perturbation", p), v("perturbation", a),
+            v("marker", a) if bag else [None] * len(a))
+    ]
+    channels = ["bag channel"] if bag else list(index.labels)
+    title = (f"{collection.parent.name}/{collection.name}: {n} pairs of step {args.step} (seed {args.seed}, policy "
+             f"{index.config.positive_policy}, Z {args.z}, normalized {index.config.norm_level or 'no'})")
+    save_png(pairs_figure(anchor, positive, labels, channels, title), args.out)
+    crossing = sum(lab.division for lab in labels)
+    print(f"{args.out}: {n} anchor/positive pairs ({crossing} cross a division), {len(channels)} channel(s), "
+          f"read box (Z, Y, X) {index.read_shape}")
+
+
+# ---------------------------------------------------------------------- converters and writers
+def cmd_convert_ctc(args: argparse.Namespace) -> None:
+    from dali_pipeline.datasets.ctc import import_ctc
+
+    check_outputs([args.out], args.overwrite)
+    yaml_path = import_ctc(args.sequence_dir, args.out, interval_minutes=args.interval_minutes, name=args.name,
+                           channel=args.channel, start_hpi=args.start_hpi, version=args.version,
+                           overwrite=args.overwrite, progress=sys.stderr.isatty())
+    manifest = json.loads((Path(yaml_path).parent / "manifest.json").read_text())
+    print(f"{yaml_path}: experiment {manifest['name']}, {manifest['frames']} frames {tuple(manifest['shape'][-2:])} "
+          f"{manifest['dtype']}, {manifest['tracks']} tracks, {manifest['lineages']} lineages, "
+          f"{manifest['divisions']} divisions, {manifest['observations']} observations "
+          f"({manifest['dropped_no_pixels']} without mask pixels dropped), compression "
+          f"{manifest['compression_ratio']:.1f}x")
+    print(f"next: {PROG} index {yaml_path} --patch 64 64")
+
+
+def cmd_import_cell_index(args: argparse.Namespace) -> None:
+    from dali_pipeline.cell_index import import_cell_index
+
+    report = import_cell_index(args.parquet, args.out_yaml, overwrite=args.overwrite,
+                               allow_differences=args.allow_lineage_differences, threads=args.threads)
+    for line in report.lines():
+        print(line)
+    print(f"wrote {report.yaml_path} and {report.tracks_dir}/; next: {PROG} index {report.yaml_path}")
+
+
+SIZES = {
+    "small": "the built-in demo: 2 experiments x 4 FOVs, 12 x 2 x 4 x 128 x 128 uint16, ~13 MB",
+    "medium": "2 experiments x 4 FOVs, 16 x 2 x 8 x 256 x 256 float32, ~0.5 GB decoded",
+    "large": "the production-like benchmark store: 2 experiments x 16 FOVs, 16 x 2 x 16 x 512 x 512 float32, "
+             "~17 GB decoded",
+}
+
+
+def synthetic_spec(size: str, seed: int = 0):
+    """The spec of `make-synthetic --size`; seed 0 of "small" is exactly the built-in demo."""
+    from dali_pipeline.datasets.synthetic import benchmark_spec, demo_spec
+
+    if size == "small":
+        spec = demo_spec()
+        if seed:
+            spec = dataclasses.replace(spec, experiments=tuple(
+                dataclasses.replace(e, seed=e.seed + 1000 * seed) for e in spec.experiments))
+        return spec
+    if size == "medium":
+        return benchmark_spec(n_fovs=8, t=16, z=8, yx=256, chunks=(1, 1, 8, 128, 128), shards=(1, 1, 8, 256, 256),
+                              cells_per_fov=24, seed=seed)
+    if size == "large":
+        return benchmark_spec(seed=seed)
+    raise UsageError(f"--size must be one of {sorted(SIZES)}, got {size!r}")
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> None:
+    from dali_pipeline.datasets.synthetic import write_synthetic
+
+    check_outputs([args.out], args.overwrite)
+    spec = synthetic_spec(args.size, args.seed)
+    decoded = sum(len(e.fov_names) * int(np.prod(e.shape)) * np.dtype(e.dtype).itemsize for e in spec.experiments)
+    print(f"writing {args.size} ({decoded / 1e9:.2f} GB decoded) to {args.out}", file=sys.stderr)
+    yaml_path = write_synthetic(args.out, spec, overwrite=args.overwrite, progress=sys.stderr.isatty())
+    manifest = json.loads((Path(yaml_path).parent / "manifest.json").read_text())
+    print(f"{yaml_path}: {len(spec.experiments)} experiments, {manifest['fovs']} FOVs, {manifest['tracks']} tracks, "
+          f"{manifest['divisions']} divisions, {manifest['observations']} observations; "
+          f"{manifest['bytes_on_disk'] / 1e6:.1f} MB on disk (compression {manifest['compression_ratio']:.1f}x), "
+          f"written in {manifest['write_seconds']:.1f} s")
+
+
+# ---------------------------------------------------------------------- bench
+def cmd_bench(args: argparse.Namespace) -> None:
+    from dali_pipeline import bench
+    from dali_pipeline.plots import bench_figure, save_png
+
+    out = Path(args.out)
+    json_path, png_path = out / "bench.json", out / "bench.png"
+    check_outputs([json_path, png_path], args.overwrite)
+    if min(args.steps, args.batch_size, args.rounds) < 1:
+        raise UsageError(f"--steps, --batch-size and --rounds must be >= 1, got {args.steps}, {args.batch_size} "
+                         f"and {args.rounds}")
+    collection, index = build_index(args)
+    if len(index.valid) == 0:
+        raise UsageError(f"{collection}: {_no_anchors_message(index)}")
+    device = _device(args.device)
+    report = bench.compare(index, steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=device,
+                           rounds=args.rounds, paths=tuple(args.paths))
+    report["collection"] = str(collection)
+    print(f"{collection}: {len(index.valid)} valid anchors, batch {args.batch_size}, {args.steps} timed steps "
+          f"(best of {args.rounds} rounds), "
+          f"read box (Z, Y, X) {index.read_shape} {index.batch_dtype}, {device}")
+    print(bench.table(report))
+    if "raw" in report["results"]:
+        print(f"read amplification (decoded chunk bytes / delivered bytes): "
+              f"{report['results']['raw']['read_amplification']:.2f}")
+    _atomic_text(json_path, json.dumps(report, indent=1) + "\n")
+    results = list(report["results"].values())
+    save_png(bench_figure([r["short"] for r in results], [r["pairs_per_s"] for r in results],
+                          f"{collection.parent.name}: batch {args.batch_size}, {index.read_shape}, {device}"), png_path)
+    print(f"wrote {json_path} and {png_path}")
+
+
+# ---------------------------------------------------------------------- parser
+def _index_options() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("index options (what is read and which positives count)")
+    g.add_argument("--patch", type=int, nargs=2, default=(64, 64), metavar=("Y", "X"), help="read patch size (64 64)")
+    g.add_argument("--max-border-shift", type=int, default=None, help="default: a quarter patch")
+    g.add_argument("--tau-hours", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
+                   help="positive time offset range in hours (0.5 2.0)")
+    g.add_argument("--tau-decay", type=float, default=2.0)
+    g.add_argument("--policy", choices=["lineage", "ancestry"], default="lineage",
+                   help="lineage: any cell of the lineage; ancestry: own track, ancestors, descendants only")
+    g.add_argument("--channel-mode", choices=["all", "bag"], default="all")
+    g.add_argument("--norm-level", default="timepoint_statistics",
+                   choices=["timepoint_statistics", "fov_statistics", "dataset_statistics", "none"])
+    g.add_argument("--z-window", type=int, default=None, help="Z slices to read per patch (default: all)")
+    g.add_argument("--threads", type=int, default=8)
+    return p
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="dynaclr-dali", description=__doc__)
+    common = argparse.ArgumentParser(add_help=False)  # --debug before or after the command
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    top = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = top.add_subparsers(dest="command", required=True)
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    index_opts = _index_options()
 
-    p = sub.add_parser("index", help="build the lineage index of a collection and print its summary")
+    def add(name: str, help_text: str, description: str, parents=()) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, description=description, parents=[common, *parents])
+
+    p = add("demo", "train a small encoder with NT-Xent on the built-in dataset (the main job)",
+            "Write the built-in demo dataset once (into $DYNACLR_DALI_CACHE or ~/.cache/dynaclr-dali), build its "
+            "lineage index, and train a small encoder with an NT-Xent loss on the DALI loader (GPU when present, "
+            "else the CPU pipeline). Writes OUT/pairs.png, OUT/loss.png and OUT/summary.json.")
+    p.add_argument("--steps", type=int, default=300, help="training steps (300)")
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per step (64)")
+    p.add_argument("--seed", type=int, default=0, help="sampler and model seed (0)")
+    p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI pipeline device (auto)")
+    p.add_argument("--patch", type=int, default=32, help="square read patch in pixels (32)")
+    p.add_argument("--width", type=int, default=16, help="channels of the first conv layer (16; then x2, x4)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (1e-3)")
+    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (0.2)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_demo)
+
+    p = add("index", "build a collection's lineage index, print its summary, plot lineage trees",
+            "Build the LineageIndex of a collection and print one row per experiment: FOVs, tracks, lineages, "
+            "divisions, observations, valid anchors per policy, rows dropped at borders and outside the image, "
+            "tau frames.", [index_opts])
     p.add_argument("collection", nargs="?", help="collection YAML (default: the built-in demo dataset)")
-    p.add_argument("--patch", type=int, nargs=2, default=(64, 64), metavar=("Y", "X"), help="read patch size")
-    p.add_argument("--max-border-shift", type=int, default=None, help="default: a quarter patch")
-    p.add_argument("--tau-hours", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"))
-    p.add_argument("--tau-decay", type=float, default=2.0)
-    p.add_argument("--policy", choices=["lineage", "ancestry"], default="lineage")
-    p.add_argument("--channel-mode", choices=["all", "bag"], default="all")
-    p.add_argument("--norm-level", default="timepoint_statistics",
-                   choices=["timepoint_statistics", "fov_statistics", "dataset_statistics", "none"])
-    p.add_argument("--z-window", type=int, default=None, help="Z slices to read per patch (default: all)")
-    p.add_argument("--threads", type=int, default=8)
     p.add_argument("--save", help="write the index to this .npz")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --save file")
+    p.add_argument("--plot-lineage", metavar="FOV", help="draw this FOV's lineage trees (A/1/0 or EXPERIMENT/A/1/0)")
+    p.add_argument("--out", default="lineage_tree.png", help="PNG of --plot-lineage (lineage_tree.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --save or --out file")
     p.set_defaults(func=cmd_index)
+
+    p = add("preview", "a labelled montage of anchor/positive pairs of a collection",
+            "Draw one plan's anchor and positive patches (one column per channel), labelled with experiment, "
+            "FOV, lineage, t and tau; pairs that cross a division are marked.", [index_opts])
+    p.add_argument("collection", nargs="?", help="collection YAML (default: the built-in demo dataset)")
+    p.add_argument("--out", default="pairs.png", help="output PNG (pairs.png)")
+    p.add_argument("--n", type=int, default=8, help="pairs to draw (8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step", type=int, default=0, help="which step's plan (0)")
+    p.add_argument("--z", choices=["max", "center"], default="max", help="Z projection for display (max)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.set_defaults(func=cmd_preview)
+
+    p = add("convert-ctc", "a Cell Tracking Challenge sequence into a collection",
+            "Import SEQUENCE_DIR (raw frames tNNN.tif, with SEQUENCE_DIR_GT/TRA beside it) into OUT: an HCS "
+            "plate, a tracks CSV from the mask centroids, statistics and a collection YAML.")
+    p.add_argument("sequence_dir")
+    p.add_argument("out")
+    p.add_argument("--interval-minutes", type=float, required=True,
+                   help="minutes between frames (CTC files do not record it)")
+    p.add_argument("--name", default=None, help="experiment name (default: the sequence folder's name)")
+    p.add_argument("--channel", default="nuclei", help="channel label (nuclei)")
+    p.add_argument("--start-hpi", type=float, default=0.0, help="hours post perturbation at t = 0")
+    p.add_argument("--version", choices=["0.4", "0.5"], default="0.5", help="OME-Zarr version (0.5)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_convert_ctc)
+
+    p = add("import-cell-index", "the reference's cell-index parquet into a collection (lineages verified)",
+            "Read a cell-index parquet (the reference's CELL_INDEX_SCHEMA), write per-FOV tracks CSVs into "
+            "OUT_tracks/ beside OUT.yml and the collection YAML, rebuild our lineage index from them and check that "
+            "every track gets the parquet's lineage_id (differences go to OUT_lineage_differences.csv).")
+    p.add_argument("parquet")
+    p.add_argument("out_yaml", metavar="OUT.yml")
+    p.add_argument("--allow-lineage-differences", action="store_true",
+                   help="install the collection even when lineage ids differ")
+    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.yml and OUT_tracks/")
+    p.set_defaults(func=cmd_import_cell_index)
+
+    p = add("make-synthetic", "write a seeded synthetic collection (small, medium, large)",
+            "Write a seeded synthetic collection (moving, dividing cells; plates, tracks CSVs, statistics, "
+            "collection.yml, manifest.json) into OUT. Sizes: " + "; ".join(f"{k}: {v}" for k, v in SIZES.items()))
+    p.add_argument("out")
+    p.add_argument("--size", choices=list(SIZES), default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_make_synthetic)
+
+    p = add("bench", "DALI loader vs raw read ceiling vs torch DataLoader on the same plans",
+            "A short side-by-side comparison on the same plans: PatchReader.prefetch (raw read ceiling), the DALI "
+            "TripletLoader, and a torch DataLoader over MultiExperimentTripletDataset. Prints a table and writes "
+            "OUT/bench.json and OUT/bench.png. The thorough benchmarks live in benchmarks/.", [index_opts])
+    p.add_argument("collection", nargs="?", help="collection YAML (default: the built-in demo dataset)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per path (30)")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per step (32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best counts (2)")
+    p.add_argument("--paths", nargs="+", choices=["raw", "dali", "torch"], default=["raw", "dali", "torch"])
+    p.add_argument("--out", default="bench_out", help="output folder (bench_out)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_bench)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    import pyarrow as pa
+
+    from dali_pipeline.reader import PatchReadError
+
+    bad_input = (UsageError, ValueError, OSError, KeyError, yaml.YAMLError, PatchReadError, pa.ArrowException)
     try:
         args.func(args)
-    except (UsageError, ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except bad_input as err:
         if args.debug:
             traceback.print_exc()
-        print(f"dynaclr-dali {args.command}: error: {err}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"{PROG} {args.command}: error: {_one_line(message)}", file=sys.stderr)
         return 2
+    except ImportError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
