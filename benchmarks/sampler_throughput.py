@@ -65,6 +65,8 @@ def _emit(result: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- preparation (driver)
 def prepare(size: int, seed: int, out: Path, threads: int) -> tuple[Path, dict[str, Any]]:
+    from sampler.index import FORMAT_VERSION
+
     """The cached collection (index_scaling's generator) and its saved index."""
     _paths()
     import index_scaling  # benchmarks/index_scaling.py
@@ -74,7 +76,8 @@ def prepare(size: int, seed: int, out: Path, threads: int) -> tuple[Path, dict[s
     manifest = index_scaling.generate(size, seed, folder)
     print(f"collection: {manifest['observations']:,} observations, {manifest['fovs']} FOVs "
           f"({time.perf_counter() - t0:.1f} s, cached under {folder})", flush=True)
-    index_path = out / "index" / f"n{size}-seed{seed}-g{index_scaling.GEN_VERSION}.npz"
+    # the index file format is part of the key: a cached index of an older format is rebuilt
+    index_path = out / "index" / f"n{size}-seed{seed}-g{index_scaling.GEN_VERSION}-f{FORMAT_VERSION}.npz"
     if not index_path.exists():
         from sampler import ExperimentRegistry, IndexConfig, LineageIndex
 
