@@ -65,11 +65,11 @@ def _emit(result: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- preparation (driver)
 def prepare(size: int, seed: int, out: Path, threads: int) -> tuple[Path, dict[str, Any]]:
-    from sampler.index import FORMAT_VERSION
-
     """The cached collection (index_scaling's generator) and its saved index."""
     _paths()
     import index_scaling  # benchmarks/index_scaling.py
+
+    from sampler.index import FORMAT_VERSION
 
     folder = out / "data" / f"n{size}-seed{seed}-g{index_scaling.GEN_VERSION}"
     t0 = time.perf_counter()
