@@ -33,6 +33,10 @@ class TripletLoader:
     (`norm_meta="arrays"`) or as the reference's per-sample dicts (`"reference"`). `meta` chooses
     columns ({name: array}) or the reference's per-sample dicts. `prefetch` is DALI's queue depth,
     `read_ahead` the plans whose reads are kept in flight (within `budget_bytes`).
+    Other keyword options go to the PatchReader (`strict`, `on_read_error="raise" | "skip"`,
+    `max_skip_fraction`, `max_patch_bytes`, `max_chunk_bytes`, cache and concurrency); with "skip",
+    `loader.reader.stats.skipped` counts replaced samples (in this process: with `workers`, each
+    worker counts its own).
     """
 
     def __init__(

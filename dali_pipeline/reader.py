@@ -8,15 +8,24 @@ spawned workers: tensorstore must never be touched before a fork).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import tensorstore as ts
 
 from sampler import BatchPlan, LineageIndex, ReadBoxes
+
+log = logging.getLogger(__name__)
+
+#: default bounds checked before any read (bytes): one patch (C x Z x Y x X of a box) and one chunk
+MAX_PATCH_BYTES = 256 << 20
+MAX_CHUNK_BYTES = 1 << 30
 
 
 def kvstore_reads() -> int:
@@ -44,6 +53,10 @@ class ReadStats:
     bytes_delivered: int = 0
     chunks_decoded: int = 0
     bytes_decoded: int = 0
+    #: samples (anchor and positive together) replaced because a box read failed (on_read_error="skip")
+    skipped: int = 0
+    #: skipped samples per reason ("Experiment 'a', FOV A/1/0: <first line of the tensorstore error>")
+    skip_reasons: Counter = field(default_factory=Counter)
 
     @property
     def amplification(self) -> float:
@@ -51,7 +64,8 @@ class ReadStats:
         return self.bytes_decoded / self.bytes_delivered if self.bytes_delivered else float("nan")
 
     def as_dict(self) -> dict[str, float]:
-        return {**self.__dict__, "amplification": self.amplification}
+        out = {k: v for k, v in self.__dict__.items() if k != "skip_reasons"}
+        return {**out, "amplification": self.amplification}
 
 
 @dataclass
@@ -81,6 +95,8 @@ class PendingRead:
         try:
             parts = [(members, future.result()) for members, future in self.groups]
         except Exception as err:  # tensorstore raises ValueError/OSError subclasses
+            if self.reader.on_read_error == "skip":
+                return self.reader._skip_failed(self.plan, self._views, err)
             self.reader._raise_for_box(self.plan, self._views, err)
             raise
         n = len(self.plan)
@@ -100,6 +116,19 @@ class PatchReader:
     `cache_pool_bytes` bounds tensorstore's chunk cache (0 = no caching, as production uses for
     random access); `concurrency` bounds its file I/O and decode threads; `strict` makes a missing
     chunk an error instead of the fill value.
+
+    `on_read_error="raise"` (default) raises a PatchReadError naming the experiment, FOV, t and box
+    of the first failing read. `"skip"` replaces each sample whose anchor or positive box fails by
+    the next sample of the same plan (cyclically) whose boxes both read, rows, boxes, statistics
+    and augmentation parameters included, so pairs stay pairs and the batch size is kept; skipped
+    samples are counted in `stats.skipped` / `stats.skip_reasons` and logged (logger
+    `dali_pipeline.reader`), and a plan with more than `max_skip_fraction` of its samples skipped
+    (or none left) raises PatchReadError. Stores that cannot be opened always raise.
+
+    `max_patch_bytes` bounds one patch (C x Z x Y x X x itemsize of an experiment's box) and
+    `max_chunk_bytes` one stored chunk (tensorstore decodes whole chunks): both are checked from
+    the index's metadata when the reader is made, before any pixel buffer is allocated (None: no
+    bound).
     """
 
     def __init__(
@@ -109,18 +138,56 @@ class PatchReader:
         cache_pool_bytes: int = 0,
         concurrency: int | None = None,
         strict: bool = False,
+        on_read_error: Literal["raise", "skip"] = "raise",
+        max_skip_fraction: float = 0.1,
+        max_patch_bytes: int | None = MAX_PATCH_BYTES,
+        max_chunk_bytes: int | None = MAX_CHUNK_BYTES,
     ) -> None:
+        if on_read_error not in ("raise", "skip"):
+            raise ValueError(f"on_read_error must be 'raise' or 'skip', got {on_read_error!r}")
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must lie in [0, 1], got {max_skip_fraction}")
         self.index = index
         self.cache_pool_bytes = cache_pool_bytes
         self.concurrency = concurrency or max(2, os.cpu_count() or 2)
         self.strict = strict
+        self.on_read_error = on_read_error
+        self.max_skip_fraction = float(max_skip_fraction)
+        self.max_patch_bytes = max_patch_bytes
+        self.max_chunk_bytes = max_chunk_bytes
         self.dtype = index.batch_dtype
         self.stats = ReadStats()
         self._fovs = index.fovs
         self._chunks = index.fovs[[f"chunk_{a}" for a in "tczyx"]].to_numpy().astype(np.int64)
         self._itemsize = np.array([np.dtype(index.experiments.storage_dtype[e]).itemsize for e in index.fovs.exp])
         self._fov_box = index.exp_box[index.fovs.exp.to_numpy()]
+        self._check_bounds()
         self._reset()
+
+    def _check_bounds(self) -> None:
+        """Refuse experiments whose patches or chunks exceed the byte bounds, before reading anything."""
+        itemsize = self.dtype.itemsize
+        if self.max_patch_bytes is not None:
+            for e, name in enumerate(self.index.experiments.name.tolist()):
+                box = [int(v) for v in self.index.exp_box[e]]
+                nbytes = self.index.n_channels * int(np.prod(box)) * itemsize
+                if nbytes > self.max_patch_bytes:
+                    raise ValueError(
+                        f"Experiment '{name}': a patch of {self.index.n_channels} channels x "
+                        f"{box[0]}x{box[1]}x{box[2]} (ZYX) x {itemsize} B is {nbytes:,} bytes, "
+                        f"over max_patch_bytes={self.max_patch_bytes:,}"
+                    )
+        if self.max_chunk_bytes is not None:
+            chunk_bytes = np.prod(self._chunks, axis=1) * self._itemsize
+            over = np.flatnonzero(chunk_bytes > self.max_chunk_bytes)
+            if len(over):
+                row = self._fovs.iloc[int(over[0])]
+                shape = "x".join(str(int(v)) for v in self._chunks[over[0]])
+                raise ValueError(
+                    f"Experiment '{row.experiment}', FOV {row.fov_name}: chunk shape {shape} (TCZYX) is "
+                    f"{int(chunk_bytes[over[0]]):,} bytes, over max_chunk_bytes={self.max_chunk_bytes:,} "
+                    f"({len(over)} FOV(s) affected)"
+                )
 
     def _reset(self) -> None:
         self._pid = os.getpid()
@@ -259,6 +326,67 @@ class PatchReader:
             rest //= n
         return out
 
+    def _box_label(self, role: str, b: ReadBoxes, j: int) -> tuple[str, str]:
+        """(where, box) descriptions of sample j of `b`: experiment, FOV and t; the box itself."""
+        z, y, x = self.box_shapes(b)[j].tolist()
+        row = self._fovs.iloc[int(b.fov[j])]
+        where = f"Experiment '{row.experiment}', FOV {row.fov_name}, t={int(b.t[j])}"
+        box = (f"{role} box z[{b.z[j]}:{b.z[j] + z}] y[{b.y[j]}:{b.y[j] + y}] x[{b.x[j]}:{b.x[j] + x}] "
+               f"channels {b.channels[j].tolist()}")
+        return where, box
+
+    def _skip_failed(self, plan: BatchPlan, views: list, err: Exception) -> Patches:
+        """on_read_error="skip": read every box on its own, replace failed samples by the next good one."""
+        n = len(plan)
+        boxes = [("anchor", plan.anchor_boxes)] + ([("positive", plan.positive_boxes)] if plan.fit else [])
+        with ts.Batch() as batch:
+            futures = [view.read(batch=batch) for view in views]
+        data: list[np.ndarray | None] = [None] * len(views)
+        bad = np.zeros(n, dtype=bool)
+        reasons: list[tuple[int, str]] = []
+        for k, future in enumerate(futures):
+            try:
+                data[k] = future.result()
+            except Exception as box_err:
+                role, b = boxes[k // n]
+                j = k % n
+                if not bad[j]:
+                    where, box = self._box_label(role, b, j)
+                    row = self._fovs.iloc[int(b.fov[j])]
+                    cause = str(box_err).splitlines()[0] if str(box_err) else type(box_err).__name__
+                    reasons.append((j, f"Experiment '{row.experiment}', FOV {row.fov_name}: {cause}"))
+                    log.warning("skipping sample %d of a plan of %d: %s: %s failed: %s", j, n, where, box, cause)
+                bad[j] = True
+        if not bad.any():  # the batched read failed but every box reads alone: use them
+            return self._assemble(plan, data)
+        good = np.flatnonzero(~bad)
+        n_bad = int(bad.sum())
+        self.stats.skipped += n_bad
+        for _, reason in reasons:
+            self.stats.skip_reasons[reason] += 1
+        if not len(good) or n_bad > self.max_skip_fraction * n:
+            where = "; ".join(r for _, r in reasons[:3])
+            raise PatchReadError(
+                f"{n_bad} of {len(plan)} samples of a step failed to read, over max_skip_fraction="
+                f"{self.max_skip_fraction:g}: {where}"
+            ) from None
+        # each failed sample takes the next good one of the plan (cyclically): deterministic, pairs kept
+        pos = np.searchsorted(good, np.arange(n), side="left")
+        source = np.where(bad, good[pos % len(good)], np.arange(n))
+        new_plan = take_plan(plan, source)
+        new_data = [data[(k // n) * n + int(source[k % n])] for k in range(len(views))]
+        return self._assemble(new_plan, new_data)
+
+    def _assemble(self, plan: BatchPlan, data: list) -> Patches:
+        n = len(plan)
+        shapes = {d.shape for d in data}
+        if len(shapes) == 1:  # one box shape: contiguous stacks, as the batched read gives
+            anchor = np.stack(data[:n])
+            positive = np.stack(data[n:]) if plan.fit else None
+        else:
+            anchor, positive = list(data[:n]), (list(data[n:]) if plan.fit else None)
+        return Patches(plan, anchor, positive)
+
     def _raise_for_box(self, plan: BatchPlan, views: list, err: Exception) -> None:
         """Find the first box whose read fails and raise a PatchReadError naming it."""
         boxes = [("anchor", plan.anchor_boxes)] + ([("positive", plan.positive_boxes)] if plan.fit else [])
@@ -276,3 +404,18 @@ class PatchReader:
                     ) from None
                 i += 1
         raise PatchReadError(f"reading a plan of {len(plan)} anchors failed: {err}") from None
+
+
+def take_plan(plan: BatchPlan, rows: np.ndarray) -> BatchPlan:
+    """The plan with its samples taken at `rows` (every per-sample field: rows, boxes, norm, aug...)."""
+
+    def take(value):
+        if value is None:
+            return None
+        if isinstance(value, ReadBoxes):
+            return ReadBoxes(**{f.name: getattr(value, f.name)[rows] for f in dataclasses.fields(value)})
+        if isinstance(value, dict):
+            return {k: take(v) for k, v in value.items()}
+        return np.asarray(value)[rows]
+
+    return dataclasses.replace(plan, **{f.name: take(getattr(plan, f.name)) for f in dataclasses.fields(plan)})

@@ -30,7 +30,8 @@ class MultiExperimentTripletDataset(Dataset):
 
     `__getitems__` takes a BatchPlan, or a list of anchor rows for which it builds a plan with its
     own generator (seeded by `seed`, advanced per call). `fit=False` gives predict batches over
-    every observation. Reader options (cache, concurrency, strict) go to the PatchReader.
+    every observation. Reader options (cache, concurrency, strict, on_read_error, max_skip_fraction,
+    max_patch_bytes, max_chunk_bytes) go to the PatchReader.
     """
 
     def __init__(self, index: LineageIndex, fit: bool = True, *, seed: int = 0, **reader_options: Any) -> None:
@@ -68,6 +69,7 @@ class MultiExperimentTripletDataset(Dataset):
         if plan.fit != self.fit:
             raise ValueError(f"a {'training' if plan.fit else 'predict'} plan given to a dataset with fit={self.fit}")
         patches = self.reader.read(plan)
+        plan = patches.plan  # with on_read_error="skip", failed samples were replaced by good ones
         out: dict[str, Any] = {
             "anchor": self._tensor(patches.anchor),
             "anchor_norm_meta": reference_norm_meta(self.index, plan.anchor_norm),
