@@ -314,7 +314,7 @@ def loader_state(loader: Any) -> dict[str, Any]:
     it saves a checkpoint). Without noise fields it is the loader's state, no communication.
     """
     state = loader.state_dict()
-    if getattr(loader, "_checkpointing", False) and _group_size() > 1:
+    if loader.checkpointing and _group_size() > 1:
         gathered: list[Any] = [None] * _group_size()
         torch.distributed.all_gather_object(gathered, state.get("dali"))
         state["dali_ranks"] = gathered

@@ -10,6 +10,7 @@ or a `set_epoch` between epochs yields exactly the batches the sampler says.
 from __future__ import annotations
 
 import base64
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -96,6 +97,11 @@ class TripletLoader:
         self._restore: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ epochs and state
+    @property
+    def checkpointing(self) -> bool:
+        """Whether the state carries DALI's checkpoint (noise fields drawn by DALI's generator)."""
+        return self._checkpointing
+
     def __len__(self) -> int:
         return len(self.sampler)
 
@@ -118,7 +124,8 @@ class TripletLoader:
         state = self.sampler.state_dict(steps_consumed=self._step, epoch=self._epoch)
         if self._checkpointing and self._iterator is not None:
             checkpoint = self._iterator.checkpoints()[0]
-            state["dali"] = dict(checkpoint=base64.b64encode(checkpoint).decode(), origin=list(self._origin))
+            state["dali"] = dict(checkpoint=base64.b64encode(checkpoint).decode(), origin=list(self._origin),
+                                 rank=self.sampler.rank, world_size=self.sampler.world_size)
         elif self._restore is not None:
             state["dali"] = self._restore
         return state
@@ -128,7 +135,15 @@ class TripletLoader:
         self.sampler.load_state_dict(state)
         self._epoch, self._step = self.sampler.epoch, self.sampler.step
         same_position = (self._epoch, self._step) == (int(state["epoch"]), int(state["step"]))
-        self._restore = state.get("dali") if self._checkpointing and same_position else None
+        restore = state.get("dali") if self._checkpointing and same_position else None
+        mine = (self.sampler.rank, self.sampler.world_size)
+        if restore is not None and (restore.get("rank"), restore.get("world_size")) != mine:
+            warnings.warn(
+                f"the state holds the DALI noise stream of rank {restore.get('rank')} of {restore.get('world_size')}, "
+                f"this loader is rank {mine[0]} of {mine[1]}: its noise fields restart from (seed, rank) "
+                "(save each rank's state, e.g. dali_pipeline.distributed.loader_state)", stacklevel=2)
+            restore = None
+        self._restore = restore
         self._iterator, self._running = None, False
 
     # ------------------------------------------------------------------ iteration

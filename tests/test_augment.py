@@ -225,3 +225,16 @@ def test_noise_fields_are_restored_by_a_resume_mid_epoch_and_at_an_epoch_end(ind
     resumed.load_state_dict(state)
     for want, got in zip(epoch1, anchors(resumed, 2)):
         np.testing.assert_array_equal(got, want)
+
+
+def test_another_ranks_noise_checkpoint_is_refused(index):
+    state = None
+    first = augmented_loader(index, config=NOISY, batch=8, rank=0, world_size=2)
+    for _ in zip(range(2), first):
+        pass
+    state = first.state_dict()
+    assert state["dali"]["rank"] == 0
+    other = augmented_loader(index, config=NOISY, batch=8, rank=1, world_size=2)
+    with pytest.warns(UserWarning, match="noise stream of rank 0 of 2, this loader is rank 1 of 2"):
+        other.load_state_dict(state)
+    assert other.step == 2 and "dali" not in other.state_dict()
