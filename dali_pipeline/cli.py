@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from sampler.atomic import atomic_path
 from sampler import ExperimentRegistry, IndexConfig, LineageIndex
 
 PROG = "dynaclr-dali"
@@ -138,17 +138,8 @@ def check_outputs(paths: list[Path | str], overwrite: bool) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
 
 
 def _index_config(args: argparse.Namespace) -> IndexConfig:

@@ -7,13 +7,14 @@ fixed size in pixels (`figsize * DPI`, no tight bounding box), and `save_png` wr
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from sampler.atomic import atomic_path
 
 DPI = 100
 PANEL_IN = 1.15  #: one patch panel of the pairs montage, inches
@@ -28,19 +29,9 @@ BENCH_SIZE_IN = (7.2, 3.2)
 def save_png(fig: Figure, path: str | os.PathLike[str]) -> str:
     """Write `fig` as a PNG at `path` atomically (temporary file beside it, then renamed)."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            FigureCanvasAgg(fig)
-            fig.savefig(f, format="png", dpi=DPI)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        FigureCanvasAgg(fig)
+        fig.savefig(f, format="png", dpi=DPI)
     return path
 
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from sampler.atomic import atomic_path
 from sampler.lineage import LineageCycleError, build_forest
 from sampler.norm import fov_norm_table
 from sampler.plate import read_fovs
@@ -428,15 +428,8 @@ class LineageIndex:
                     frames={n: list(f.columns) for n, f in
                             (("tracks", self.tracks), ("fovs", self.fovs), ("experiments", self.experiments))})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".index-", suffix=".npz.tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            os.unlink(tmp)
-            raise
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> "LineageIndex":
