@@ -94,8 +94,8 @@ def _emit(result: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------- generation
 def _simulate(
-    n_fov: int, fov_exp: "np.ndarray", intervals: list[float], rng, target: int | None = None, density: float = CELLS_PER_FRAME
-) -> dict[str, "np.ndarray"]:
+    n_fov: int, fov_exp: Any, intervals: list[float], rng, target: int | None = None, density: float = CELLS_PER_FRAME
+) -> dict[str, Any]:
     """Observations of `n_fov` FOVs over N_T frames: a birth (entry) / division / exit process.
 
     Per frame a live cell divides (its track ends, two daughter tracks with parent_track_id start the

@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
-import numpy as np
 
 from dali_pipeline._dali import require_dali
 from dali_pipeline.augment_graph import used_params

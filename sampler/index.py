@@ -301,7 +301,7 @@ class LineageIndex:
         """Rows with at least one positive under `policy` ("lineage" or "ancestry") at some tau != 0."""
         n = len(self.tracks)
         valid = np.zeros(n, dtype=bool)
-        group, t, tin = self._columns["group"], self._columns["t"].astype(np.int64), self._row_tin
+        group, t = self._columns["group"], self._columns["t"].astype(np.int64)
         for lo in range(0, n, 1 << 20):
             rows = np.arange(lo, min(n, lo + (1 << 20)))
             taus, ok = self.tau_grid(rows)

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from dali_pipeline._dali import require_dali
 from dali_pipeline.augment_graph import param_arrays, used_params
 from dali_pipeline.feed import source_names
 from dali_pipeline.pipeline import GraphSpec, build_pipeline

@@ -58,7 +58,7 @@ def test_positives_cross_divisions_and_ancestry_excludes_sisters(tmp_path):
     mother = row_of(lineage, 1, 4)
     got = {}
     for index in (lineage, ancestry):
-        pos, tau = make_plan(index, np.full(4000, mother), np.random.default_rng(1)).positive_rows, None
+        pos = make_plan(index, np.full(4000, mother), np.random.default_rng(1)).positive_rows
         got[index.config.positive_policy] = set(index.tracks.track_id.to_numpy()[pos])
     assert got == {"lineage": {2, 3}, "ancestry": {2, 3}}
     # the short daughter at t=5: its sister 2 is a candidate at t=7.. under "lineage" only
