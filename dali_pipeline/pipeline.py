@@ -89,11 +89,12 @@ def _reshape(x, spec: GraphSpec):
     return x
 
 
-def _normalize(x, sub, div, spec: GraphSpec):
-    fn = require_dali().fn
-    types = require_dali().types
-    x = fn.cast(x, dtype=types.FLOAT)
-    return (x - sub) / (div + EPSILON) if spec.normalize else x
+def _normalize(x, sub, div, spec: GraphSpec, is_float: bool):
+    """float32 `(x - sub) / (div + 1e-8)`: the reciprocal on the small CPU terms, one fused op on x."""
+    dali = require_dali()
+    if spec.normalize:  # arithmetic promotes integer patches to float32: no separate cast pass
+        return (x - sub) * (1.0 / (div + EPSILON))
+    return x if is_float else dali.fn.cast(x, dtype=dali.types.FLOAT)
 
 
 def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int, device_id: int | None,
@@ -138,11 +139,12 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
                 x = fn.tensor_resize(x, sizes=list(spec.read_shape), axes=[1, 2, 3], interp_type=types.INTERP_LINEAR,
                                      antialias=False, dtype=types.FLOAT)
             sub, div = by_name[f"{role}_sub"], by_name[f"{role}_div"]
+            is_float = spec.resample or np.dtype(spec.storage_dtype) == np.float32
             if spec.augment is None:  # reshaping first: it commutes with normalization and shrinks the work
-                outputs.append(_normalize(_reshape(x, spec), sub, div, spec))
+                outputs.append(_normalize(_reshape(x, spec), sub, div, spec, is_float))
             else:  # augmentations see the whole normalized read box, as the reference's
                 params = {key: by_name[f"{role}_{key}"] for key in used_params(spec.augment)}
-                x = augment(_normalize(x, sub, div, spec), params, spec.augment)
+                x = augment(_normalize(x, sub, div, spec, is_float), params, spec.augment)
                 outputs.append(_reshape(x, spec))
         outputs.append(by_name["ids"])
         if not spec.normalize:
