@@ -75,16 +75,9 @@ def _rss_mib() -> dict[str, float]:
     """
     import resource
 
-    out = {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, value = line.split(":", 1)
-                    out[key] = int(value.split()[0]) / 1024.0
-    except OSError:
-        pass
-    return out
+    from procstat import proc_status  # benchmarks/procstat.py
+
+    return {"ru_maxrss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, **proc_status()}
 
 
 def _emit(result: dict[str, Any]) -> None:

@@ -113,16 +113,9 @@ def _ensure_repo_on_path() -> None:
 # ============================================================================ small helpers
 def _proc_status() -> dict[str, float]:
     """VmRSS / VmHWM of this process, MiB."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key, value = line.split(":", 1)
-                    out[key] = int(value.split()[0]) / 1024.0
-    except OSError:
-        pass
-    return out
+    from procstat import proc_status  # benchmarks/procstat.py
+
+    return proc_status()
 
 
 def _children_peak_mib() -> float:
