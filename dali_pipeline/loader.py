@@ -153,7 +153,8 @@ class TripletLoader:
             source, source_names(self.spec.fit, self.params), self.spec,
             batch_size=self.sampler.batch_size, device_id=self.device_id, num_threads=self.num_threads,
             prefetch=self.prefetch, workers=self.workers,
-            batch_bytes=self.reader.plan_bytes(self.sampler.plan(0, self._epoch)),
+            # only spawned workers need it (shared-memory size); it costs a plan, so skip it otherwise
+            batch_bytes=self.reader.plan_bytes(self.sampler.plan(0, self._epoch)) if self.workers else 0,
             seed=(self.sampler.seed * 1_000_003 + self.sampler.rank) % (1 << 31),  # noise fields per (seed, rank)
             checkpointing=self._checkpointing, checkpoint=checkpoint,
         )

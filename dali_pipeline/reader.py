@@ -29,9 +29,11 @@ MAX_CHUNK_BYTES = 1 << 30
 
 
 def kvstore_reads() -> int:
-    """Reads tensorstore's key-value stores have served in this process (all drivers): chunk fetches.
+    """Reads tensorstore's key-value stores have served in this process (all drivers).
 
-    A process-wide counter from tensorstore's own metrics; take differences around a run.
+    A process-wide counter from tensorstore's own metrics; take differences around a run. On an
+    unsharded store each read is one chunk file; on a sharded store a read may fetch several inner
+    chunks (batched byte ranges), so it is not a chunk count there (see `ReadStats` for that).
     """
     total = 0
     for metric in ts.experimental_collect_matching_metrics("/tensorstore/kvstore/"):
