@@ -59,7 +59,7 @@ Role = Literal["train", "val", "predict"]
 
 #: sampler options that shape training steps only; validation keeps plain, unaugmented epochs
 _TRAIN_ONLY = ("group_by", "group_weights", "leaky", "stratify_by", "temporal_enrichment", "temporal_window_hours",
-               "temporal_global_fraction", "augment")
+               "temporal_global_fraction", "augment", "locality_frames")
 
 
 class EpochSampler:

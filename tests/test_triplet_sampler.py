@@ -249,6 +249,122 @@ def test_elastic_resume_without_composition(index):
     assert (boundary.epoch, boundary.step) == (2, 0)
 
 
+# ---------------------------------------------------------------------- locality-aware order
+def blocks_of(index, rows: np.ndarray, k: int) -> np.ndarray:
+    """(fov, t // k) of rows as one string per row, from index.tracks with pandas (not the sampler's codes)."""
+    df = index.tracks.iloc[rows]
+    return (df["fov"].astype(str) + ":" + (df["t"] // k).astype(str)).to_numpy()
+
+
+def runs(keys: np.ndarray) -> int:
+    """Contiguous runs of equal keys: 1 + the block boundaries."""
+    return int(len(keys) > 0) + int((keys[1:] != keys[:-1]).sum())
+
+
+def test_locality_off_is_the_uniform_permutation(index):
+    for seed, epoch in ((1, 0), (3, 2)):
+        ref, off = TripletSampler(index, 16, seed=seed), TripletSampler(index, 16, seed=seed, locality_frames=None)
+        ref.set_epoch(epoch)
+        off.set_epoch(epoch)
+        assert_same_plans(list(ref), list(off))
+        assert off.state_dict() == ref.state_dict()
+    expected = index.valid[np.random.default_rng(np.random.SeedSequence([1, 0], spawn_key=(0,))).permutation(
+        len(index.valid))]  # the documented epoch key (seed, epoch, purpose PERMUTATION = 0)
+    np.testing.assert_array_equal(anchors_of(list(TripletSampler(index, 16, seed=1, drop_last=False))), expected)
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_locality_order_covers_every_anchor_in_contiguous_blocks(index, k):
+    n, batch = len(index.valid), 16
+    valid_blocks = blocks_of(index, index.valid, k)
+    n_blocks = len(set(valid_blocks))
+    assert 8 < n_blocks < n // 4
+    epochs = []
+    for epoch in range(2):
+        s = TripletSampler(index, batch, seed=1, drop_last=False, locality_frames=k)
+        s.set_epoch(epoch)
+        order = anchors_of(list(s))
+        assert len(order) == n
+        np.testing.assert_array_equal(np.sort(order), np.sort(index.valid))  # each valid anchor exactly once
+        again = TripletSampler(index, batch, seed=1, drop_last=False, locality_frames=k)
+        again.set_epoch(epoch)
+        np.testing.assert_array_equal(anchors_of(list(again)), order)  # deterministic for (seed, epoch)
+        keys = blocks_of(index, order, k)
+        assert runs(keys) == n_blocks  # every block is one contiguous run of the epoch
+        epochs.append((order, keys))
+    (order0, keys0), (order1, keys1) = epochs
+    assert (order0 != order1).any()
+    assert (pd.unique(keys0) != pd.unique(keys1)).any()  # another block order
+    # and another order inside the blocks
+    assert any((order0[keys0 == b] != order1[keys1 == b]).any() for b in set(valid_blocks) if (keys0 == b).sum() > 2)
+    # batches hold few blocks, far fewer than uniform ones, and as many as their block boundaries say
+    uniform = TripletSampler(index, batch, seed=1)
+    local = TripletSampler(index, batch, seed=1, locality_frames=k)
+    u = np.mean([len(set(blocks_of(index, uniform.anchor_rows(i), k))) for i in range(len(uniform))])
+    counts = []
+    for i in range(len(local)):
+        keys = blocks_of(index, local.anchor_rows(i), k)
+        assert len(set(keys)) == runs(keys)
+        counts.append(len(set(keys)))
+    assert np.mean(counts) < u / 2
+    assert sum(counts) <= len(local) + n_blocks - 1  # each of the epoch's n_blocks - 1 boundaries splits a batch once
+
+
+def test_locality_ranks_are_disjoint_prefix_and_resume(index):
+    batch, world, k = 8, 2, 4
+    reference = anchors_of(list(TripletSampler(index, batch, seed=5, drop_last=False, locality_frames=k)))
+    steps = global_order(index, batch, world, seed=5, locality_frames=k)
+    per_rank = [np.concatenate([step[r] for step in steps]) for r in range(world)]
+    assert not np.intersect1d(per_rank[0], per_rank[1]).size  # disjoint ranks
+    consumed = np.concatenate([rows for step in steps for rows in step])
+    assert len(consumed) == len(index.valid) // (batch * world) * batch * world
+    np.testing.assert_array_equal(consumed, reference[:len(consumed)])  # the world_size=1 prefix
+    # resume mid-epoch: the same remaining plans, on every rank
+    for r in range(world):
+        s = TripletSampler(index, batch, seed=5, rank=r, world_size=world, locality_frames=k)
+        s.set_epoch(1)
+        full = list(TripletSampler(index, batch, seed=5, rank=r, world_size=world, locality_frames=k).iter_from(0, 1))
+        it = iter(s)
+        head = [next(it) for _ in range(7)]
+        resumed = TripletSampler(index, batch, seed=5, rank=r, world_size=world, locality_frames=k)
+        resumed.load_state_dict(s.state_dict())
+        assert (resumed.epoch, resumed.step) == (1, 7)
+        assert_same_plans(head, full[:7])
+        assert_same_plans(list(resumed), full[7:])
+    # elastic: 1 rank of 16 resumes after 7 steps of 2 * 8 anchors on the same order
+    one = TripletSampler(index, 2 * batch, seed=5, locality_frames=k)
+    one.load_state_dict(s.state_dict())
+    one_ref = TripletSampler(index, 2 * batch, seed=5, drop_last=False, locality_frames=k)
+    one_ref.set_epoch(1)
+    np.testing.assert_array_equal(one.plan(7).anchor_rows, anchors_of(list(one_ref))[7 * 16:8 * 16])
+    assert "locality_frames" in repr(one) and "locality_frames" not in repr(TripletSampler(index, 16))
+
+
+def test_locality_errors_and_state_checks(index):
+    for bad in (0, -1, 2.0, "4", True):
+        with pytest.raises(ValueError, match=r"locality_frames must be None or an int >= 1, got"):
+            TripletSampler(index, 16, locality_frames=bad)
+    for composed in (dict(group_by="experiment"), dict(stratify_by="perturbation"), dict(temporal_enrichment=True)):
+        with pytest.raises(ValueError, match="locality_frames applies to plain epochs only"):
+            TripletSampler(index, 16, locality_frames=4, **composed)
+    with pytest.raises(ValueError, match="locality_frames orders training anchors"):
+        TripletSampler(index, 16, predict=True, locality_frames=4)
+    # a state saved with another order (or none) does not resume here, and the reverse
+    plain, local = TripletSampler(index, 16, seed=1), TripletSampler(index, 16, seed=1, locality_frames=4)
+    with pytest.raises(ValueError, match="options: saved .*'locality_frames': None"):
+        local.load_state_dict(plain.state_dict(steps_consumed=2))
+    with pytest.raises(ValueError, match="options: saved .*'locality_frames': 4"):
+        plain.load_state_dict(local.state_dict(steps_consumed=2))
+    with pytest.raises(ValueError, match="options"):
+        TripletSampler(index, 16, seed=1, locality_frames=2).load_state_dict(local.state_dict(steps_consumed=2))
+    # a state saved before the option existed (no key) resumes a sampler without it, not one with it
+    old = plain.state_dict(steps_consumed=2)
+    old["options"] = {k: v for k, v in old["options"].items() if k != "locality_frames"}
+    TripletSampler(index, 16, seed=1).load_state_dict(old)
+    with pytest.raises(ValueError, match="options"):
+        local.load_state_dict(old)
+
+
 # ---------------------------------------------------------------------- composition
 def test_group_and_leaky_proportions_exact_per_step(index):
     world, batch = 2, 16
