@@ -5,7 +5,8 @@
 #   2. the GPU-marked tests (batch contract and parity with device="gpu", tensors on cuda:0);
 #   3. the reduced GPU protocol of ../shared/BENCHMARKS.md (a <= 2 GB synthetic store generated here,
 #      2-D and 3-D at the production batch, DALI loader vs raw read ceiling vs torch path), one table;
-#   4. the augmentation cost on the GPU (production 2-D preset vs none, demo collection).
+#   4. the chunk cache on the GPU (cupy): epoch 1 and warm epochs, cache off and on, reduced store;
+#   5. the augmentation cost on the GPU (production 2-D preset vs none, demo collection).
 # Budget: under 5 minutes. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,5 +18,6 @@ print("DALI", dali.__version__, "| CUDA devices seen by DALI:", backend.GetCUDAD
 PY
 python3 -m pytest -q -m gpu -p no:cacheprovider tests "$@"
 python3 benchmarks/loader_throughput.py --gpu --reduced
+python3 benchmarks/chunk_cache.py --gpu --reduced --epochs 3
 DYNACLR_DALI_CACHE="${TMPDIR:-/tmp}/dynaclr-dali-cache" \
   python3 benchmarks/augment_cost.py --device gpu --repeats 1 --batches 10 --batch-size 64

@@ -8,19 +8,22 @@ reads of steps s+1..s+depth are already in flight in tensorstore, within a byte 
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 
 import numpy as np
 
 from dali_pipeline.augment_graph import param_arrays
-from dali_pipeline.reader import PatchReader, Patches, PendingRead
+from dali_pipeline.reader import Patches, PatchReader, PendingRead
 from sampler import BatchPlan
 
 
 class PlanFeed:
     """Callable external source: BatchInfo -> the arrays of one plan (`plan_outputs`).
 
-    `plan_for(step, epoch)` gives the plans (a TripletSampler's `plan`).
+    `plan_for(step, epoch)` gives the plans (a TripletSampler's `plan`). The outputs of the last
+    `keep` calls stay referenced, so DALI may use them without copying (`no_copy=True`) while
+    they sit in its prefetch queue: keep at least DALI's prefetch depth + 1.
     """
 
     def __init__(
@@ -30,6 +33,7 @@ class PlanFeed:
         params: tuple[str, ...] = (),
         depth: int = 2,
         budget_bytes: int | None = None,
+        keep: int = 4,
     ) -> None:
         self.reader = reader
         self.plan_for = plan_for
@@ -41,6 +45,7 @@ class PlanFeed:
         self.n_steps = 0
         self.stopped = False
         self._pending: dict[int, PendingRead] = {}
+        self._kept: deque[tuple] = deque(maxlen=keep)
 
     def position(self, epoch: int, first_step: int, n_steps: int) -> None:
         """Serve `epoch` from `first_step` to `n_steps` (exclusive) on the next DALI epoch."""
@@ -69,7 +74,9 @@ class PlanFeed:
         self._issue(step, ahead=False)
         for later in range(step + 1, step + 1 + self.depth):
             self._issue(later, ahead=True)
-        return plan_outputs(self._pending.pop(step).result(), self.params)
+        outputs = plan_outputs(self._pending.pop(step).result(), self.params)
+        self._kept.append(outputs)
+        return outputs
 
 
 class StatelessPlanSource:
@@ -93,6 +100,48 @@ class StatelessPlanSource:
         if step >= self.n_steps:
             raise StopIteration
         return plan_outputs(self.reader.read(self.plan_for(step, self.start_epoch + info.epoch_idx)), self.params)
+
+
+class SplitSource:
+    """A batch source's outputs as two DALI sources: the patches (which may live on the GPU) and the rest.
+
+    A DALI external source has one device for all its outputs, while normalization terms, ids and
+    augmentation parameters must stay CPU nodes; patches assembled in GPU memory (the chunk cache)
+    feed a `device="gpu"` source. Whichever half DALI asks for first computes the step and keeps the
+    other half for the second call.
+    """
+
+    def __init__(self, source: Callable, names: list[str]) -> None:
+        self.source = source
+        self.names = names
+        self.pixel_names = [n for n in names if n in PIXELS]
+        self.term_names = [n for n in names if n not in PIXELS]
+        self._held: dict[tuple[int, int, str], tuple] = {}
+
+    def pixels(self, info) -> tuple:
+        return self._half(info, "pixels")
+
+    def terms(self, info) -> tuple:
+        return self._half(info, "terms")
+
+    def _half(self, info, which: str) -> tuple:
+        held = self._held.pop((info.epoch_idx, info.iteration, which), None)
+        if held is not None:
+            return held
+        try:
+            outputs = dict(zip(self.names, self.source(info)))
+        except StopIteration:
+            self._held.clear()
+            raise
+        halves = {"pixels": tuple(outputs[n] for n in self.pixel_names),
+                  "terms": tuple(outputs[n] for n in self.term_names)}
+        other = "terms" if which == "pixels" else "pixels"
+        self._held[(info.epoch_idx, info.iteration, other)] = halves[other]
+        return halves[which]
+
+
+#: the outputs of a plan source that carry patches
+PIXELS = ("anchor", "positive")
 
 
 def source_names(fit: bool, params: tuple[str, ...]) -> list[str]:

@@ -14,11 +14,18 @@ import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
+import numpy as np
 
 from dali_pipeline._dali import require_dali
 from dali_pipeline.augment_graph import used_params
+from dali_pipeline.cached_reader import CachedPatchReader
 from dali_pipeline.feed import PlanFeed, StatelessPlanSource, source_names
-from dali_pipeline.meta import INDEX_COLUMNS, META_COLUMNS, reference_norm_meta, row_meta
+from dali_pipeline.meta import (
+    INDEX_COLUMNS,
+    META_COLUMNS,
+    reference_norm_meta,
+    row_meta,
+)
 from dali_pipeline.pipeline import GraphSpec, build_pipeline, output_names
 from dali_pipeline.reader import PatchReader
 from sampler import LineageIndex, TripletSampler
@@ -32,11 +39,25 @@ class TripletLoader:
     With `normalize=False` the statistics travel with the batch as (B, C, 2) arrays
     (`norm_meta="arrays"`) or as the reference's per-sample dicts (`"reference"`). `meta` chooses
     columns ({name: array}) or the reference's per-sample dicts. `prefetch` is DALI's queue depth,
-    `read_ahead` the plans whose reads are kept in flight (within `budget_bytes`).
+    `read_ahead` the plans whose reads are kept in flight.
+    `budget_bytes` bounds the bytes in flight, DALI's queue included: DALI holds up to `prefetch`
+    batches, each counted as the source's patches it holds (storage dtype; DALI uses them in place,
+    `no_copy`, while the feed keeps the last `prefetch + 2` steps' arrays alive) plus its float32 outputs (`queue_bytes`, an upper bound from the largest read box); the read-ahead
+    issues plans only while they fit in what is left (`feed.budget_bytes = budget_bytes -
+    queue_bytes`). A budget below `queue_bytes` plus one plan's reads is a ValueError naming the
+    minimum. Not counted: per-sample statistics, ids and augmentation parameters (bytes per
+    sample), DALI's operator scratch space, and with `workers` the workers' shared-memory slots.
     Other keyword options go to the PatchReader (`strict`, `on_read_error="raise" | "skip"`,
     `max_skip_fraction`, `max_patch_bytes`, `max_chunk_bytes`, cache and concurrency); with "skip",
     `loader.reader.stats.skipped` counts replaced samples (in this process: with `workers`, each
     worker counts its own).
+
+    `cache_bytes` > 0 reads each chunk once and keeps it decoded in a ChunkCache of that many
+    bytes, on the pipeline's device (GPU memory with cupy for "gpu", host memory for "cpu"); every
+    patch is cropped from the cached chunks and, on a GPU, fed to DALI already in GPU memory.
+    Batches equal the uncached loader's; `loader.reader.cache.stats` reports hits and evictions
+    and `loader.reader.stats` the chunks actually decoded. 0 (the default) reads every patch
+    through tensorstore; the cache needs `workers=0`.
     """
 
     def __init__(
@@ -56,6 +77,7 @@ class TripletLoader:
         budget_bytes: int | None = None,
         num_threads: int = 2,
         workers: int = 0,
+        cache_bytes: int = 0,
         **reader_options: Any,
     ) -> None:
         if sampler.index is not index:
@@ -69,6 +91,9 @@ class TripletLoader:
             raise ValueError("device='gpu' needs a device_id (the local rank's GPU; 0 on one GPU)")
         if device == "cpu" and device_id is not None:
             raise ValueError("device='cpu' runs without a GPU: leave device_id=None")
+        if cache_bytes and workers:
+            raise ValueError("cache_bytes needs workers=0: the chunk cache lives in this process "
+                             "(spawned workers would each read and hold their own)")
         self.index = index
         self.sampler = sampler
         self.device_id = device_id
@@ -80,11 +105,15 @@ class TripletLoader:
             fit=not sampler.predict, device=device, storage_dtype=index.batch_dtype, read_shape=index.read_shape,
             final_patch=None if final_patch is None else tuple(final_patch), z_reduction=z_reduction,
             normalize=normalize, augment=sampler.augment, resample=index.resampled,
+            pixel_source=device if cache_bytes else None,
         )
-        self.reader = PatchReader(index, **reader_options)
+        self.reader = (CachedPatchReader(index, cache_bytes=cache_bytes, device=device, **reader_options)
+                       if cache_bytes else PatchReader(index, **reader_options))
         self.workers = workers
         self.params = used_params(sampler.augment)
-        self.feed = PlanFeed(self.reader, sampler.plan, self.params, depth=read_ahead, budget_bytes=budget_bytes)
+        self.queue_bytes = prefetch * sum(self._step_bytes())  # DALI's queue: prefetch x (source arrays + outputs)
+        self.feed = PlanFeed(self.reader, sampler.plan, self.params, depth=read_ahead, keep=prefetch + 2,
+                             budget_bytes=None if budget_bytes is None else self._read_ahead_budget(budget_bytes))
         self._epoch = sampler.epoch
         self._step = sampler.step
         self._iterator = None
@@ -94,6 +123,25 @@ class TripletLoader:
         self._checkpointing = self.spec.augment is not None and self.spec.augment.noise.prob > 0
         self._origin = (self._epoch, self._step)  # (epoch, step) of DALI iteration 0 of the source
         self._restore: dict[str, Any] | None = None
+
+    def _step_bytes(self) -> tuple[int, int]:
+        """Upper bounds of one step's patches: (reads in the storage dtype, float32 outputs)."""
+        samples = (2 if self.spec.fit else 1) * self.sampler.batch_size * self.index.n_channels
+        box = int(np.prod(self.index.exp_box.astype(np.int64), axis=1).max())
+        return samples * box * self.reader.dtype.itemsize, samples * int(np.prod(self.spec.output_shape)) * 4
+
+    def _read_ahead_budget(self, budget_bytes: int) -> int:
+        """What `budget_bytes` leaves to the read-ahead once DALI's queue is counted."""
+        read, output = self._step_bytes()
+        minimum = self.queue_bytes + read
+        if budget_bytes < minimum:
+            raise ValueError(
+                f"budget_bytes={budget_bytes:,} cannot hold DALI's queue and one step's reads: the minimum is "
+                f"{minimum:,} bytes = prefetch {self.prefetch} x ({read:,} B read in {self.reader.dtype} + "
+                f"{output:,} B of float32 outputs) + {read:,} B for the step being read (batch "
+                f"{self.sampler.batch_size}); raise budget_bytes or lower prefetch or the batch size"
+            )
+        return budget_bytes - self.queue_bytes
 
     # ------------------------------------------------------------------ epochs and state
     @property
@@ -157,6 +205,7 @@ class TripletLoader:
             batch_bytes=self.reader.plan_bytes(self.sampler.plan(0, self._epoch)) if self.workers else 0,
             seed=(self.sampler.seed * 1_000_003 + self.sampler.rank) % (1 << 31),  # noise fields per (seed, rank)
             checkpointing=self._checkpointing, checkpoint=checkpoint,
+            no_copy=source is self.feed,  # the feed keeps its last outputs alive for DALI's queue
         )
         return DALIGenericIterator(pipe, output_names(self.spec), auto_reset=False)
 

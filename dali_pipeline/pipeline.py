@@ -16,6 +16,7 @@ import numpy as np
 
 from dali_pipeline._dali import require_dali
 from dali_pipeline.augment_graph import augment, param_kinds, used_params
+from dali_pipeline.feed import SplitSource
 from sampler.augment import AugmentConfig
 
 EPSILON = 1e-8
@@ -34,10 +35,17 @@ class GraphSpec:
     normalize: bool = True
     augment: AugmentConfig | None = None
     resample: bool = False  # read boxes differ by experiment (pixel sizes): resize each to read_shape
+    #: where the patches arrive: None with the other outputs (one CPU source), else from a source of
+    #: their own on this device (a SplitSource; "gpu" when a chunk cache assembles them in GPU memory)
+    pixel_source: Literal["cpu", "gpu"] | None = None
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.pixel_source not in (None, "cpu", "gpu"):
+            raise ValueError(f"pixel_source must be None, 'cpu' or 'gpu', got {self.pixel_source!r}")
+        if self.pixel_source == "gpu" and self.device != "gpu":
+            raise ValueError("patches in GPU memory need the GPU pipeline (device='gpu')")
         if self.z_reduction not in (None, "max", "center"):
             raise ValueError(f"z_reduction must be None, 'max' or 'center', got {self.z_reduction!r}")
         if self.final_patch is not None:
@@ -99,14 +107,17 @@ def _normalize(x, sub, div, spec: GraphSpec, is_float: bool):
 
 def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int, device_id: int | None,
                    num_threads: int = 2, prefetch: int = 2, seed: int = 0, workers: int = 0,
-                   batch_bytes: int = 0, checkpointing: bool = False, checkpoint: bytes | None = None):
+                   batch_bytes: int = 0, checkpointing: bool = False, checkpoint: bytes | None = None,
+                   no_copy: bool = False):
     """The DALI Pipeline for a PlanFeed-like batch source returning the outputs `names`.
 
     Outputs: anchor[, positive] (float32 CDHW), ids (int64), and anchor_norm[, positive_norm]
     ((C, 2) float32) when not normalizing, so the statistics travel with the batch. `workers` > 0
     runs a picklable, stateless source in that many spawned processes (DALI's parallel external
     source); `batch_bytes` sizes their shared-memory chunks. `checkpointing` lets the pipeline's
-    state (source position, random streams) be saved; `checkpoint` restores one.
+    state (source position, random streams) be saved; `checkpoint` restores one. `no_copy` lets
+    DALI use the source's arrays in place: the source must keep them alive and unchanged while
+    they are queued (a PlanFeed keeps its last outputs).
     """
     dali = require_dali()
     fn, types = dali.fn, dali.types
@@ -120,20 +131,29 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
 
     parallel = dict(py_num_workers=workers, py_start_method="spawn") if workers else {}
 
+    def external(callable_, outputs: list[str], **options):
+        if not workers:  # parallel sources pass shared memory, never copied
+            options = dict(options, no_copy=no_copy)
+        return dict(zip(outputs, fn.external_source(
+            source=callable_, num_outputs=len(outputs), batch=True, batch_info=True,
+            dtype=[kinds[n][0] for n in outputs], ndim=[kinds[n][1] for n in outputs],
+            layout=[kinds[n][2] for n in outputs], **options,
+        )))
+
     @dali.pipeline_def(batch_size=batch_size, num_threads=num_threads, device_id=device_id,
                        prefetch_queue_depth=prefetch, seed=seed, enable_checkpointing=checkpointing, **parallel)
     def graph():
-        nodes = fn.external_source(
-            source=source, num_outputs=len(names), batch=True, batch_info=True,
-            dtype=[kinds[n][0] for n in names], ndim=[kinds[n][1] for n in names],
-            layout=[kinds[n][2] for n in names],
-            **(dict(parallel=True, bytes_per_sample_hint=int(1.2 * batch_bytes) + (1 << 20)) if workers else {}),
-        )
-        by_name = dict(zip(names, nodes))
+        if spec.pixel_source is None:
+            by_name = external(source, names, **(
+                dict(parallel=True, bytes_per_sample_hint=int(1.2 * batch_bytes) + (1 << 20)) if workers else {}))
+        else:  # the patches on their device, the rest on the CPU (argument inputs must be CPU nodes)
+            split = SplitSource(source, names)
+            by_name = {**external(split.pixels, split.pixel_names, device=spec.pixel_source),
+                       **external(split.terms, split.term_names)}
         outputs = []
         for role in ("anchor", "positive") if spec.fit else ("anchor",):
             x = by_name[role]
-            if spec.device == "gpu":
+            if spec.device == "gpu" and spec.pixel_source != "gpu":
                 x = x.gpu()
             if spec.resample:  # linear, per sample; an unscaled box passes unchanged
                 x = fn.tensor_resize(x, sizes=list(spec.read_shape), axes=[1, 2, 3], interp_type=types.INTERP_LINEAR,

@@ -194,11 +194,13 @@ class PatchReader:
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._context: ts.Context | None = None
+        self._raw: dict[int, ts.TensorStore] = {}
         self._stores: dict[int, ts.TensorStore] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         state["_context"] = None
+        state["_raw"] = {}
         state["_stores"] = {}
         return state
 
@@ -207,10 +209,11 @@ class PatchReader:
         self._reset()
 
     # ------------------------------------------------------------------ stores
-    def _store(self, fov: int) -> ts.TensorStore:
+    def _raw_store(self, fov: int) -> ts.TensorStore:
+        """The FOV's array as stored (native dtype), opened read-only once per process."""
         if self._pid != os.getpid():
             self._reset()
-        store = self._stores.get(fov)
+        store = self._raw.get(fov)
         if store is None:
             if self._context is None:
                 self._context = ts.Context({
@@ -228,6 +231,14 @@ class PatchReader:
                 raise PatchReadError(
                     f"Experiment '{row.experiment}', FOV {row.fov_name}: cannot open {row.url}: {err}"
                 ) from None
+            self._raw[fov] = store
+        return store
+
+    def _store(self, fov: int) -> ts.TensorStore:
+        """The FOV's array in the batch dtype (promoted on read when the experiment stores another)."""
+        store = self._stores.get(fov) if self._pid == os.getpid() else None
+        if store is None:
+            store = self._raw_store(fov)
             if store.dtype.numpy_dtype != self.dtype:
                 store = ts.cast(store, self.dtype)
             self._stores[fov] = store

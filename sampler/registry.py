@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import yaml
 
 from sampler.kvstore import is_local, local_path, to_url
@@ -143,6 +144,10 @@ def _optional_positive(exp_name: str, key: str, value: Any) -> float | None:
     return number
 
 
+#: characters a local data_path may not hold: the reader opens it as a file:// URL (see _validate)
+_URL_SPECIAL = ("%", "?", "#")
+
+
 class ExperimentRegistry:
     """Validated experiments with their plate metadata, channel maps, tau ranges and Z windows.
 
@@ -240,7 +245,16 @@ class ExperimentRegistry:
             raise ValueError(
                 f"Experiment '{name}': channel labels {unknown} are not among the collection's labels {self.labels}."
             )
-        url = to_url(exp.data_path)
+        try:
+            url = to_url(exp.data_path)
+        except ValueError as err:
+            raise ValueError(f"Experiment '{name}': data_path {err}") from None
+        if is_local(url) and any(c in exp.data_path for c in _URL_SPECIAL):
+            # tensorstore opens file:// URLs: it would percent-decode '%XX' (another folder) and cut at '?' or '#'
+            raise ValueError(
+                f"Experiment '{name}': data_path {exp.data_path} holds one of {' '.join(_URL_SPECIAL)}, which the "
+                "reader's file:// URLs do not keep literally; rename or link the folder without them"
+            )
         if is_local(url) and not os.path.isdir(local_path(url)):
             raise ValueError(f"Experiment '{name}': data_path does not exist: {exp.data_path}")
         try:
@@ -338,6 +352,18 @@ class ExperimentRegistry:
         count = max(1, round((z1 - z0) * sz))
         start = (z0 + z1) // 2 - count // 2 if count != z1 - z0 else z0
         return start, count, max(1, round(patch_yx[0] * sy)), max(1, round(patch_yx[1] * sx))
+
+    def describe(self) -> pd.DataFrame:
+        """One row per experiment: the resolved data_path and tracks_path, the URL the reader opens, FOVs.
+
+        Paths are taken literally: relative ones are joined to the YAML's folder and `${datasets_root}`
+        is replaced; nothing else is expanded (no `~`, no environment variables) and nothing is run.
+        """
+        return pd.DataFrame([
+            dict(experiment=exp.name, data_path=exp.data_path, tracks_path=exp.tracks_path,
+                 data_url=self.plates[exp.name].url, fovs=len(self.selected_fovs(exp.name)))
+            for exp in self.experiments
+        ])
 
     def storage_dtypes(self) -> dict[str, np.dtype]:
         return {name: fov.array.dtype for name, fov in self.first_fovs.items()}

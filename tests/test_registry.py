@@ -88,6 +88,10 @@ def test_relative_paths_and_datasets_root(tmp_path):
     reg = ExperimentRegistry.from_yaml(path)
     assert reg["a"].data_path == str(tmp_path / "a.zarr")
     assert reg["a"].tracks_path == str(tmp_path / "a_tracks")
+    # the resolved locations are reported, with the URL the reader opens
+    assert reg.describe().to_dict("records") == [dict(
+        experiment="a", data_path=str(tmp_path / "a.zarr"), tracks_path=str(tmp_path / "a_tracks"),
+        data_url=f"file://{tmp_path}/a.zarr/", fovs=1)]
 
 
 def test_well_and_fov_selection(tmp_path):

@@ -10,6 +10,9 @@ import io
 import http.server
 import logging
 import os
+import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +26,7 @@ import pyarrow.csv as pacsv
 import pytest
 import yaml
 
-from builders import make_experiment, track_rows, tracks_table, write_collection
+from builders import make_experiment, pixels, track_rows, tracks_table, write_collection
 from dali_pipeline import PatchReader, PatchReadError
 from sampler import ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler, make_plan
 from sampler.tracks import parse_tracks
@@ -135,20 +138,43 @@ def test_deleted_chunk_reads_fill_value_errors_in_strict_mode_and_skips(tmp_path
     assert tree_hash(tmp_path) == before
 
 
+def check_unreadable_chunk(state: str) -> None:
+    """Reads of a pickled (index, plan) whose (b, A/1/0, t=3) chunk cannot be opened: raise, then skip."""
+    with open(state, "rb") as f:
+        index, plan = pickle.load(f)
+    denied = r"Experiment 'b', FOV A/1/0, t=3: .*(Permission denied|PERMISSION_DENIED)"
+    with pytest.raises(PatchReadError, match=denied):
+        PatchReader(index).read(plan)
+    reader = PatchReader(index, on_read_error="skip")
+    assert len(reader.read(plan).plan) == len(plan) and reader.stats.skipped == 1
+
+
+#: as root, permissions apply only without the capabilities that bypass them
+NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
 def test_unreadable_chunk_is_skipped_or_raises(tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: file permissions do not apply, a chmod 000 chunk stays readable")
     index = build(tmp_path, version="0.5", chunks=(1, 1, 3, 64, 64))
     fov, folder = _fov_dir(index, "b")
     victim = folder / "c" / "3" / "0" / "0" / "0" / "0"
     before = tree_hash(tmp_path)
-    plan = _plan_with_few_bad(index, fov, 3, n_bad=1)
+    state = tmp_path.parent / f"{tmp_path.name}-state.pkl"
+    state.write_bytes(pickle.dumps((index, _plan_with_few_bad(index, fov, 3, n_bad=1))))
     victim.chmod(0)
     try:
-        with pytest.raises(PatchReadError, match=r"Experiment 'b', FOV A/1/0, t=3"):
-            PatchReader(index).read(plan)
-        reader = PatchReader(index, on_read_error="skip")
-        assert len(reader.read(plan).plan) == len(plan) and reader.stats.skipped == 1
+        if os.geteuid() != 0:
+            check_unreadable_chunk(str(state))
+        else:  # root reads a chmod-000 file: run the reads in a process without CAP_DAC_OVERRIDE
+            probe = subprocess.run([*NO_DAC, "cat", str(victim)], capture_output=True) if shutil.which("setpriv") \
+                else subprocess.CompletedProcess([], 0, b"", b"no setpriv on PATH")
+            if probe.returncode == 0 or b"Permission denied" not in probe.stderr:
+                pytest.skip("running as root and cannot drop CAP_DAC_OVERRIDE (setpriv missing or not permitted): "
+                            f"a chmod-000 chunk stays readable ({probe.stderr.decode().strip()[:200]})")
+            code = ("import sys; sys.path[:0] = sys.argv[1:3]; import test_reliability as t; "
+                    "t.check_unreadable_chunk(sys.argv[3])")
+            run = subprocess.run([*NO_DAC, sys.executable, "-c", code, str(REPO / "tests"), str(REPO), str(state)],
+                                 capture_output=True, text=True, cwd=REPO, timeout=120)
+            assert run.returncode == 0, run.stderr[-3000:]
     finally:
         victim.chmod(0o644)
     assert tree_hash(tmp_path) == before
@@ -342,14 +368,165 @@ def test_read_ahead_requests_the_next_steps_while_one_is_consumed(tmp_path):
     assert tree_hash(tmp_path) == before
 
 
+# ---------------------------------------------------------------------------- bounded memory
+def _in_flight(loader) -> tuple[list[tuple[int, int]], list]:
+    """Record (plans, bytes) read and not yet handed to DALI at each submit of the loader's feed."""
+    record, feed, submit = [], loader.feed, loader.reader.submit
+
+    def counting(plan):
+        pending = submit(plan)
+        record.append((len(feed._pending) + 1, sum(p.nbytes for p in feed._pending.values()) + pending.nbytes))
+        return pending
+
+    loader.reader.submit = counting
+    return record, [(_ids(b)) for b in loader]
+
+
+def test_budget_bytes_counts_dalis_queue_before_the_read_ahead(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from dali_pipeline.loader import TripletLoader
+
+    index = build(tmp_path, version="0.5", chunks=(1, 1, 3, 64, 64))
+    before = tree_hash(tmp_path)
+    batch, prefetch, depth = 4, 2, 4
+
+    def loader(**options):
+        return TripletLoader(index, TripletSampler(index, batch, seed=3), device="cpu", prefetch=prefetch,
+                             read_ahead=depth, **options)
+
+    # one step: anchors and positives, 2 channels x 2x32x32, read as uint16, delivered as float32
+    read, output = 2 * batch * 2 * (2 * 32 * 32) * 2, 2 * batch * 2 * (2 * 32 * 32) * 4
+    assert read == PatchReader(index).plan_bytes(TripletSampler(index, batch, seed=3).plan(0, 0))
+    free = loader()
+    queue = prefetch * (read + output)
+    assert free.queue_bytes == queue and free.feed.budget_bytes is None
+    record, clean = _in_flight(free)
+    assert len(clean) > depth + 2 and max(n for n, _ in record) == depth + 1  # unbounded: the step + read_ahead
+
+    for plans in (3, 1):  # what is left after DALI's queue holds `plans` steps' reads, the one being read included
+        bounded = loader(budget_bytes=queue + plans * read)
+        assert bounded.feed.budget_bytes == plans * read
+        record, got = _in_flight(bounded)
+        assert got == clean
+        assert max(n for n, _ in record) == plans
+        assert all(nbytes <= plans * read for _, nbytes in record)
+    # counted without DALI's queue, queue + read would have let the whole read_ahead through
+    assert (queue + read) // read >= depth + 1
+
+    with pytest.raises(ValueError, match=rf"budget_bytes={queue + read - 1:,} cannot hold DALI's queue and one "
+                                         rf"step's reads: the minimum is {queue + read:,} bytes = prefetch 2 x "
+                                         rf"\({read:,} B read in uint16 \+ {output:,} B of float32 outputs\)"):
+        loader(budget_bytes=queue + read - 1)
+    assert tree_hash(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------- hostile input
-def test_yaml_is_loaded_safely(tmp_path):
+PYTHON_TAG = "tag:yaml.org,2002:python/object/apply:os.system"
+
+
+def test_yaml_is_loaded_safely(tmp_path, capsys):
+    from dali_pipeline.cli import main
+
     marker = tmp_path / "pwned"
-    evil = tmp_path / "evil.yml"
-    evil.write_text(f'experiments: !!python/object/apply:os.system ["touch {marker}"]\n')
-    with pytest.raises(yaml.YAMLError):
-        ExperimentRegistry.from_yaml(evil)
+    top = tmp_path / "top.yml"
+    top.write_text(f'experiments: !!python/object/apply:os.system ["touch {marker}"]\n')
+    inner = tmp_path / "inner.yml"  # the tag where a path goes
+    inner.write_text("experiments:\n  - name: a\n"
+                     f'    data_path: !!python/object/apply:os.system ["touch {marker}"]\n'
+                     "    tracks_path: t\n    channels: {p: P}\n    perturbation_wells: {mock: [A/1]}\n"
+                     "    interval_minutes: 30\n")
+    for evil in (top, inner):
+        with pytest.raises(yaml.constructor.ConstructorError, match=re.escape(PYTHON_TAG)):
+            ExperimentRegistry.from_yaml(evil)
+        # the CLI says which file, where, and why, in one line (exit code 2)
+        assert main(["index", str(evil)]) == 2
+        err = capsys.readouterr().err
+        assert f"{evil}: not valid YAML at line" in err and PYTHON_TAG in err
     assert not marker.exists()
+
+
+# shell syntax, '~' and environment variables: none is run or expanded (only ${datasets_root} is replaced)
+SHELL_LIKE = ["$(touch pwned)/a.zarr", "`touch pwned`/a.zarr", "a.zarr; touch pwned", "a.zarr && touch pwned",
+              "a.zarr | touch pwned", "~/a.zarr", "$HOME/a.zarr", "${HOME}/a.zarr"]
+
+
+def _home_experiment(tmp_path: Path, monkeypatch) -> dict:
+    """A real plate at $HOME/a.zarr (HOME set to a temporary folder): expanding '~' or $HOME would find it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # a command that ran would leave tmp_path/pwned
+    return make_experiment(home, "a", {"A/1/0": tracks_table(track_rows(0, range(6)))}, ["P"], {"p": "P"},
+                           shape=(1, 32, 32), n_t=6)
+
+
+def _no_side_effects(tmp_path: Path, coll: Path) -> None:
+    assert not list(tmp_path.rglob("pwned")), "a path in the collection was run as a command"
+    assert [p.name for p in coll.iterdir()] == ["collection.yml"], "resolving paths created files"
+
+
+@pytest.mark.parametrize("key", ["data_path", "tracks_path"])
+def test_odd_paths_are_taken_literally_never_expanded_nor_run(tmp_path, monkeypatch, key):
+    real = _home_experiment(tmp_path, monkeypatch)
+    coll = tmp_path / "coll"
+    coll.mkdir()
+    shell_like = SHELL_LIKE + [f"{tmp_path}/$(touch pwned)/a.zarr"]  # absolute: kept as given
+    if key == "tracks_path":
+        shell_like = [p.replace("a.zarr", "a_tracks") for p in shell_like]
+    for raw in shell_like:
+        resolved = raw if raw.startswith("/") else os.path.normpath(os.path.join(coll, raw))
+        path = write_collection(coll, [dict(real, **{key: raw})])
+        if key == "data_path":
+            with pytest.raises(ValueError, match=re.escape(f"Experiment 'a': data_path does not exist: {resolved}")):
+                ExperimentRegistry.from_yaml(path)
+        else:  # the registry reports the literal folder; the index build says it holds no CSV
+            registry = ExperimentRegistry.from_yaml(path)
+            assert registry["a"].tracks_path == resolved
+            assert registry.describe().tracks_path.tolist() == [resolved]
+            with pytest.raises(FileNotFoundError, match=re.escape(f"No tracking CSV in file://{resolved}/A/1/0/")):
+                LineageIndex.build(registry, IndexConfig(patch_yx=(16, 16)), progress=False)
+    _no_side_effects(tmp_path, coll)
+    # the same values are fine once ${datasets_root} (the one documented substitution) names the folder
+    path = write_collection(coll, [dict(real, **{key: "${datasets_root}/" + Path(real[key]).name})])
+    doc = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**doc, "datasets_root": os.environ["HOME"]}))
+    assert getattr(ExperimentRegistry.from_yaml(path)["a"], key) == real[key]
+
+
+def test_a_folder_named_like_shell_code_is_read_as_that_folder_and_reported(tmp_path, monkeypatch):
+    _home_experiment(tmp_path, monkeypatch)
+    odd = tmp_path / "coll" / "$(touch pwned) `touch pwned`; touch pwned ~ $HOME ${HOME}"
+    odd.mkdir(parents=True)
+    e = make_experiment(odd, "b", {"A/1/0": tracks_table(track_rows(0, range(6)), track_rows(1, range(6), y=12.0))},
+                        ["P"], {"p": "P"}, shape=(1, 64, 64), n_t=6)
+    e.update(data_path=f"{odd.name}/b.zarr", tracks_path=f"{odd.name}/b_tracks")  # relative to the YAML's folder
+    path = write_collection(odd.parent, [e])
+    before = tree_hash(odd)
+    registry = ExperimentRegistry.from_yaml(path)
+    report = registry.describe()
+    assert report.to_dict("records") == [dict(experiment="b", data_path=str(odd / "b.zarr"),
+                                              tracks_path=str(odd / "b_tracks"),
+                                              data_url=f"file://{odd}/b.zarr/", fovs=1)]
+    index = LineageIndex.build(registry, IndexConfig(patch_yx=(16, 16)), progress=False)
+    plan = make_plan(index, index.valid, np.random.default_rng(0))
+    got = PatchReader(index).read(plan)
+    want = pixels("b", "A/1/0", (6, 1, 1, 64, 64), "uint16")
+    for i, (t, y, x) in enumerate(zip(plan.anchor_boxes.t, plan.anchor_boxes.y, plan.anchor_boxes.x)):
+        np.testing.assert_array_equal(got.anchor[i], want[t][:, :, y:y + 16, x:x + 16])
+    assert tree_hash(odd) == before
+    assert not list(tmp_path.rglob("pwned"))
+
+
+@pytest.mark.parametrize("name", ["p%41q", "p?q", "p#q"])
+def test_a_local_path_a_url_would_not_keep_literally_is_refused(tmp_path, name):
+    # "p%41q" would open as the file:// URL of "pAq": a plate there must never be read in its place
+    for folder in (name, "pAq", "p"):
+        (tmp_path / folder).mkdir()
+        e = make_experiment(tmp_path / folder, "a", {"A/1/0": tracks_table(track_rows(0, range(6)))}, ["P"],
+                            {"p": "P"}, shape=(1, 32, 32), n_t=6)
+    e["data_path"] = str(tmp_path / name / "a.zarr")
+    with pytest.raises(ValueError, match=re.escape(f"Experiment 'a': data_path {e['data_path']} holds one of % ? #")):
+        ExperimentRegistry.from_yaml(write_collection(tmp_path, [e]))
 
 
 def test_a_million_row_csv_with_garbage_in_one_column_names_the_row():

@@ -1,0 +1,227 @@
+"""CachedPatchReader: patches cropped from decoded chunks that are read once and kept in a ChunkCache.
+
+For each plan the chunks its boxes touch (the inner chunks of sharded stores) are listed once,
+de-duplicated across the step (anchors and positives together); those neither cached nor already
+in flight for an earlier plan are read in one concurrent tensorstore batch, each exactly its grid
+cell, in the stored dtype. Every patch is then assembled from its chunks into one contiguous
+(B, C, Z, Y, X) buffer of the cache's array module (cupy in GPU memory on a GPU, numpy otherwise),
+channels canonical, so on a GPU no patch crosses PCIe: only chunks do, once. The patches equal
+PatchReader's for the same plans.
+
+A plan whose chunk reads fail is read again by the uncached path, which names the failing box or
+skips samples as `on_read_error` says. Chunks a pending plan needs are held by it until its
+result is taken, so an eviction in between costs memory for a moment, never a wrong or second read.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import tensorstore as ts
+
+from dali_pipeline.chunk_cache import ChunkCache, array_module
+from dali_pipeline.reader import Patches, PatchReader
+from sampler import BatchPlan, LineageIndex, ReadBoxes
+
+
+class _Fetch:
+    """One chunk read in flight, shared by every pending plan that needs it."""
+
+    __slots__ = ("chunk", "future", "key", "nbytes")
+
+    def __init__(self, key: tuple[int, ...], future: ts.Future, nbytes: int) -> None:
+        self.key, self.future, self.nbytes, self.chunk = key, future, nbytes, None
+
+
+@dataclass
+class _Pieces:
+    """Where each piece (one patch x one chunk it overlaps) is copied from and to.
+
+    `chunk` indexes the plan's unique chunks; `box` (a row of the plan's anchor+positive boxes)
+    and `channel` the destination patch; `src` the (t, c, z0, z1, y0, y1, x0, x1) inside the
+    chunk and `dst` the (z0, z1, y0, y1, x0, x1) inside the patch.
+    """
+
+    chunk: np.ndarray
+    box: np.ndarray
+    channel: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+
+
+class PendingCachedRead:
+    """A plan whose missing chunks are in flight; `result()` waits, caches them and assembles the patches."""
+
+    def __init__(self, reader: CachedPatchReader, plan: BatchPlan, keys: np.ndarray, held: list,
+                 pieces: _Pieces, nbytes: int) -> None:
+        self.reader, self.plan, self.keys, self.held, self.pieces, self.nbytes = reader, plan, keys, held, pieces, nbytes
+
+    def result(self) -> Patches:
+        reader = self.reader
+        try:
+            chunks = [reader._resolve(c) if isinstance(c, _Fetch) else c for c in self.held]
+        except Exception:  # tensorstore raises ValueError/OSError subclasses
+            reader._forget(self.held)
+            return reader._uncached(self.plan)
+        return reader._assemble_plan(self.plan, chunks, self.pieces)
+
+
+class CachedPatchReader(PatchReader):
+    """A PatchReader that decodes each chunk once and crops patches from a ChunkCache of `cache_bytes`.
+
+    `device="gpu"` keeps the chunks and the assembled batches in GPU memory (cupy); "cpu" in host
+    memory (numpy). `stats` (ReadStats) counts the chunks actually read (`chunks_decoded`,
+    `bytes_decoded`), so its amplification is the amortised decoded/useful ratio; `cache.stats`
+    holds hits, misses, evictions and the peak of cached bytes. Other options as PatchReader's.
+    """
+
+    def __init__(self, index: LineageIndex, *, cache_bytes: int, device: Literal["cpu", "gpu"] = "cpu",
+                 **options: Any) -> None:
+        if cache_bytes <= 0:
+            raise ValueError(f"cache_bytes must be > 0 for a chunk cache (0 means the plain PatchReader), got {cache_bytes}")
+        super().__init__(index, **options)
+        self.device = device
+        self.xp = array_module(device)
+        self.cache = ChunkCache(cache_bytes)
+        self._shape = index.fovs[list("TCZYX")].to_numpy().astype(np.int64)
+        self._inflight: dict[tuple[int, ...], _Fetch] = {}
+        self.copy_threads = max(1, min(4, self.concurrency))
+        self._copiers = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="chunk-copy") \
+            if self.xp is np and self.copy_threads > 1 else None
+
+    def __getstate__(self) -> dict:
+        raise TypeError("a CachedPatchReader lives in one process (its cache and reads in flight); "
+                        "use TripletLoader(cache_bytes=...) without workers")
+
+    # ------------------------------------------------------------------ planning
+    def _pieces(self, boxes: ReadBoxes) -> tuple[np.ndarray, _Pieces]:
+        """Unique (fov, t, c, z, y, x) chunk keys the boxes touch, and the copies that assemble them."""
+        n, n_c = len(boxes), boxes.channels.shape[1]
+        fov = np.repeat(boxes.fov.astype(np.int64), n_c)
+        size = np.ones((n * n_c, 5), np.int64)
+        size[:, 2:] = np.repeat(self.box_shapes(boxes), n_c, axis=0)
+        start = np.stack(np.broadcast_arrays(
+            boxes.t[:, None], boxes.channels, boxes.z[:, None], boxes.y[:, None], boxes.x[:, None]), axis=-1
+        ).reshape(-1, 5).astype(np.int64)
+        grid = self._chunks[fov]
+        first = start // grid
+        count = (start + size - 1) // grid - first + 1
+        total = np.prod(count, axis=1)
+        owner = np.repeat(np.arange(len(first)), total)
+        rest = np.arange(len(owner)) - np.repeat(np.cumsum(total) - total, total)
+        idx = np.empty((len(owner), 5), np.int64)
+        for axis in range(4, -1, -1):
+            k = count[owner, axis]
+            idx[:, axis] = first[owner, axis] + rest % k
+            rest //= k
+        origin = idx * grid[owner]
+        lo = np.maximum(start[owner], origin)
+        hi = np.minimum(start[owner] + size[owner], origin + grid[owner])
+        keys, which = np.unique(np.column_stack([fov[owner], idx]), axis=0, return_inverse=True)
+        src_lo, src_hi = lo - origin, hi - origin
+        dst_lo, dst_hi = lo - start[owner], hi - start[owner]
+        pieces = _Pieces(
+            chunk=which.ravel(), box=owner // n_c, channel=owner % n_c,
+            src=np.column_stack([src_lo[:, 0], src_lo[:, 1], *[v for a in (2, 3, 4) for v in (src_lo[:, a], src_hi[:, a])]]),
+            dst=np.column_stack([v for a in (2, 3, 4) for v in (dst_lo[:, a], dst_hi[:, a])]),
+        )
+        return keys, pieces
+
+    def _plan_boxes(self, plan: BatchPlan) -> ReadBoxes:
+        """Anchor boxes, then positive boxes (fit), as one ReadBoxes."""
+        if not plan.fit:
+            return plan.anchor_boxes
+        a, p = plan.anchor_boxes, plan.positive_boxes
+        return ReadBoxes(fov=np.concatenate([a.fov, p.fov]), t=np.concatenate([a.t, p.t]),
+                         z=np.concatenate([a.z, p.z]), y=np.concatenate([a.y, p.y]), x=np.concatenate([a.x, p.x]),
+                         channels=np.concatenate([a.channels, p.channels]))
+
+    # ------------------------------------------------------------------ reading
+    def submit(self, plan: BatchPlan) -> PendingCachedRead:
+        """List the plan's chunks, start reading those neither cached nor in flight, and return at once."""
+        keys, pieces = self._pieces(self._plan_boxes(plan))
+        held: list = []
+        missing: list[tuple[int, tuple[int, ...]]] = []
+        for key in map(tuple, keys.tolist()):
+            fetch = self._inflight.get(key)
+            if fetch is not None:  # read for an earlier plan, not yet taken: shared, not read again
+                self.cache.stats.hits += 1
+                held.append(fetch)
+                continue
+            chunk = self.cache.get(key)
+            held.append(chunk)
+            if chunk is None:
+                missing.append((len(held) - 1, key))
+        if missing:
+            with ts.Batch() as batch:
+                for slot, key in missing:
+                    fov, origin = key[0], np.array(key[1:]) * self._chunks[key[0]]
+                    end = np.minimum(origin + self._chunks[fov], self._shape[fov])
+                    region = tuple(slice(int(a), int(b)) for a, b in zip(origin, end))
+                    future = self._raw_store(fov)[region].read(batch=batch)
+                    fetch = _Fetch(key, future, int(np.prod(end - origin)) * int(self._itemsize[fov]))
+                    self._inflight[key] = fetch
+                    held[slot] = fetch
+        return PendingCachedRead(self, plan, keys, held, pieces, self.plan_bytes(plan))
+
+    def _resolve(self, fetch: _Fetch) -> Any:
+        """The fetched chunk in the cache's array module, cached and counted on first use."""
+        if fetch.chunk is None:
+            fetch.chunk = self.xp.asarray(fetch.future.result())
+            if self._inflight.get(fetch.key) is fetch:
+                del self._inflight[fetch.key]
+            self.cache.put(fetch.key, fetch.chunk)
+            self.stats.chunks_decoded += 1
+            self.stats.bytes_decoded += fetch.nbytes
+        return fetch.chunk
+
+    def _forget(self, held: list) -> None:
+        """Drop this plan's failed or unfinished reads from the in-flight table (a later plan retries)."""
+        for item in held:
+            if isinstance(item, _Fetch) and item.chunk is None and self._inflight.get(item.key) is item:
+                del self._inflight[item.key]
+
+    def _uncached(self, plan: BatchPlan) -> Patches:
+        """The plan through PatchReader's path: errors name the box, or samples are skipped."""
+        got = PatchReader.submit(self, plan).result()
+        if self.xp is np:
+            return got
+        move = (lambda a: None if a is None else
+                self.xp.asarray(a) if isinstance(a, np.ndarray) else [self.xp.asarray(s) for s in a])
+        return Patches(got.plan, move(got.anchor), move(got.positive))
+
+    def _assemble_plan(self, plan: BatchPlan, chunks: list, pieces: _Pieces) -> Patches:
+        """Copy every piece from its chunk into (2B, C, Z, Y, X) buffers, one per box shape."""
+        xp, n = self.xp, len(plan)
+        boxes = self._plan_boxes(plan)
+        shapes = self.box_shapes(boxes)
+        unique, which = np.unique(shapes, axis=0, return_inverse=True)
+        which = which.ravel()
+        row = np.zeros(len(which), np.int64)
+        bufs = []
+        for g, shape in enumerate(unique.tolist()):
+            members = np.flatnonzero(which == g)
+            row[members] = np.arange(len(members))
+            bufs.append(xp.empty((len(members), self.index.n_channels, *shape), dtype=self.dtype))
+        jobs = list(zip(pieces.chunk.tolist(), which[pieces.box].tolist(), row[pieces.box].tolist(),
+                        pieces.channel.tolist(), pieces.src.tolist(), pieces.dst.tolist()))
+
+        def copy(part: list) -> None:
+            for c, g, r, k, s, d in part:
+                bufs[g][r, k, d[0]:d[1], d[2]:d[3], d[4]:d[5]] = chunks[c][s[0], s[1], s[2]:s[3], s[4]:s[5], s[6]:s[7]]
+
+        if self._copiers is None:  # cupy: kernel launches on the current stream, in order
+            copy(jobs)
+        else:  # numpy releases the GIL while copying: split the pieces over the copy threads
+            list(self._copiers.map(copy, [jobs[i::self.copy_threads] for i in range(self.copy_threads)]))
+        self.stats.steps += 1
+        self.stats.patches += len(shapes)
+        self.stats.bytes_delivered += self.plan_bytes(plan)
+        if len(bufs) == 1:
+            data = bufs[0]
+        else:
+            data = [bufs[g][r] for g, r in zip(which.tolist(), row.tolist())]
+        return Patches(plan, data[:n], data[n:] if plan.fit else None)

@@ -1,0 +1,96 @@
+"""ChunkCache: decoded chunks kept where the crops happen, least recently used out, under a byte budget.
+
+The arrays belong to one array module chosen at start (`array_module`): cupy arrays in GPU memory
+on a GPU, numpy arrays in host memory otherwise, so the CPU tests run the logic the GPU runs.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+
+def array_module(device: Literal["cpu", "gpu"]) -> ModuleType:
+    """numpy for "cpu", cupy for "gpu" (an ImportError naming the extra when cupy is missing)."""
+    if device == "cpu":
+        return np
+    if device != "gpu":
+        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+    try:
+        import cupy
+    except ImportError as err:
+        raise ImportError("a chunk cache on the GPU needs cupy: pip install 'dynaclr-dali[gpu]'") from err
+    return cupy
+
+
+@dataclass
+class CacheStats:
+    """What the cache served: hits and misses count chunk lookups, bytes are decoded chunk bytes."""
+
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_inserted: int = 0
+    peak_bytes: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        lookups = self.hits + self.misses
+        return self.hits / lookups if lookups else float("nan")
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.__dict__, "hit_rate": self.hit_rate}
+
+
+class ChunkCache:
+    """Decoded chunks by key, evicted least recently used first so that `nbytes <= budget_bytes`.
+
+    A chunk larger than the whole budget is not kept (the caller still uses it for its step).
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"cache budget must be >= 0 bytes, got {budget_bytes}")
+        self.budget_bytes = int(budget_bytes)
+        self.nbytes = 0
+        self.stats = CacheStats()
+        self._items: OrderedDict[Hashable, Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._items
+
+    def get(self, key: Hashable) -> Any | None:
+        """The chunk, marked most recently used, or None (a hit or a miss is counted)."""
+        chunk = self._items.get(key)
+        if chunk is None:
+            self.stats.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.stats.hits += 1
+        return chunk
+
+    def put(self, key: Hashable, chunk: Any) -> None:
+        """Keep `chunk`, evicting the least recently used ones until it fits."""
+        size = int(chunk.nbytes)
+        if size > self.budget_bytes or key in self._items:
+            return
+        while self.nbytes + size > self.budget_bytes:
+            _, old = self._items.popitem(last=False)
+            self.nbytes -= int(old.nbytes)
+            self.stats.evictions += 1
+        self._items[key] = chunk
+        self.nbytes += size
+        self.stats.bytes_inserted += size
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.nbytes = 0
