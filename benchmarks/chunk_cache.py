@@ -193,6 +193,7 @@ def plot(results: dict[str, Any], path: Path) -> Path | None:
             n = len(runs[0]["epochs"])
             ys = [statistics.median(r["epochs"][e]["pairs_per_s"] for r in runs) for e in range(n)]
             ax.plot(range(1, n + 1), ys, marker="o", label=f"cache {name}")
+            ax.set_xticks(range(1, n + 1))
         ax.set_title(f"{cfg} (batch {res['batch']})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("pairs/s")

@@ -71,3 +71,16 @@ def test_missing_pixel_sizes_are_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"reference_pixel_size_xy_um set but experiments missing "
                                          r"pixel_size_xy_um: \['coarse'\]"):
         ExperimentRegistry.from_yaml(tmp_path / "c.yml", reference_pixel_size_xy_um=0.2)
+
+
+def test_the_chunk_cache_reads_boxes_of_several_sizes_like_the_uncached_loader(index):
+    def anchors(**options):
+        loader = TripletLoader(index, TripletSampler(index, 8, seed=4), device="cpu", normalize=False, **options)
+        return [b["anchor"].numpy().copy() for epoch in range(2) for b in loader], loader
+
+    plain, _ = anchors()
+    cached, loader = anchors(cache_bytes=16 << 20)
+    assert len(plain) == len(cached) > 0
+    for a, b in zip(plain, cached):
+        np.testing.assert_array_equal(a, b)
+    assert loader.reader.cache.stats.hits > 0
