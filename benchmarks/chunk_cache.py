@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print()
     print(text)
-    label = "-reduced" if args.reduced else "-small" if args.small else ""
+    label = ("-reduced" if args.reduced else "-small" if args.small else "") \
+        + (f"-locality{args.locality}" if args.locality else "") \
+        + (f"-cache{args.cache_gb:g}GB" if args.cache_gb != parser.get_default("cache_gb") else "")
     doc = dict(benchmark="chunk_cache", protocol=protocol, started=started.isoformat(timespec="seconds"),
                command=" ".join(["python", "benchmarks/chunk_cache.py", *sys.argv[1:]]), machine=_machine(),
                uptime_before=load_before, uptime_after=load_after, store=store, config=vars(args) | {"out": str(out)},

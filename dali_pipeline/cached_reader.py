@@ -55,9 +55,8 @@ class _Pieces:
 class PendingCachedRead:
     """A plan whose missing chunks are in flight; `result()` waits, caches them and assembles the patches."""
 
-    def __init__(self, reader: CachedPatchReader, plan: BatchPlan, keys: np.ndarray, held: list,
-                 pieces: _Pieces, nbytes: int) -> None:
-        self.reader, self.plan, self.keys, self.held, self.pieces, self.nbytes = reader, plan, keys, held, pieces, nbytes
+    def __init__(self, reader: CachedPatchReader, plan: BatchPlan, held: list, pieces: _Pieces, nbytes: int) -> None:
+        self.reader, self.plan, self.held, self.pieces, self.nbytes = reader, plan, held, pieces, nbytes
 
     def result(self) -> Patches:
         reader = self.reader
@@ -75,7 +74,10 @@ class CachedPatchReader(PatchReader):
     `device="gpu"` keeps the chunks and the assembled batches in GPU memory (cupy); "cpu" in host
     memory (numpy). `stats` (ReadStats) counts the chunks actually read (`chunks_decoded`,
     `bytes_decoded`), so its amplification is the amortised decoded/useful ratio; `cache.stats`
-    holds hits, misses, evictions and the peak of cached bytes. Other options as PatchReader's.
+    holds hits, misses, evictions and the peak of cached bytes. On the CPU the pieces are copied by
+    `copy_threads` threads (numpy releases the GIL while copying; min(4, concurrency)); on a GPU
+    they are copy kernels on cupy's current stream, which DALI's GPU external source waits on.
+    Other options as PatchReader's.
     """
 
     def __init__(self, index: LineageIndex, *, cache_bytes: int, device: Literal["cpu", "gpu"] = "cpu",
@@ -165,7 +167,7 @@ class CachedPatchReader(PatchReader):
                     fetch = _Fetch(key, future, int(np.prod(end - origin)) * int(self._itemsize[fov]))
                     self._inflight[key] = fetch
                     held[slot] = fetch
-        return PendingCachedRead(self, plan, keys, held, pieces, self.plan_bytes(plan))
+        return PendingCachedRead(self, plan, held, pieces, self.plan_bytes(plan))
 
     def _resolve(self, fetch: _Fetch) -> Any:
         """The fetched chunk in the cache's array module, cached and counted on first use."""

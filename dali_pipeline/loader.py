@@ -40,10 +40,11 @@ class TripletLoader:
     (`norm_meta="arrays"`) or as the reference's per-sample dicts (`"reference"`). `meta` chooses
     columns ({name: array}) or the reference's per-sample dicts. `prefetch` is DALI's queue depth,
     `read_ahead` the plans whose reads are kept in flight.
-    `budget_bytes` bounds the bytes in flight, DALI's queue included: DALI holds up to `prefetch`
-    batches, each counted as the source's patches it holds (storage dtype; DALI uses them in place,
-    `no_copy`, while the feed keeps the last `prefetch + 2` steps' arrays alive) plus its float32 outputs (`queue_bytes`, an upper bound from the largest read box); the read-ahead
-    issues plans only while they fit in what is left (`feed.budget_bytes = budget_bytes -
+    `budget_bytes` bounds the bytes in flight, DALI's queue included: `queue_bytes` counts the
+    source arrays the feed keeps alive for DALI (it uses them in place, `no_copy`: the last
+    `prefetch + 2` steps' patches, storage dtype) plus `prefetch` steps of float32 outputs (upper
+    bounds from the largest read box); the read-ahead issues plans only while they fit in what is
+    left (`feed.budget_bytes = budget_bytes -
     queue_bytes`). A budget below `queue_bytes` plus one plan's reads is a ValueError naming the
     minimum. Not counted: per-sample statistics, ids and augmentation parameters (bytes per
     sample), DALI's operator scratch space, and with `workers` the workers' shared-memory slots.
@@ -111,7 +112,8 @@ class TripletLoader:
                        if cache_bytes else PatchReader(index, **reader_options))
         self.workers = workers
         self.params = used_params(sampler.augment)
-        self.queue_bytes = prefetch * sum(self._step_bytes())  # DALI's queue: prefetch x (source arrays + outputs)
+        read, output = self._step_bytes()
+        self.queue_bytes = (prefetch + 2) * read + prefetch * output  # arrays the feed keeps + DALI's outputs
         self.feed = PlanFeed(self.reader, sampler.plan, self.params, depth=read_ahead, keep=prefetch + 2,
                              budget_bytes=None if budget_bytes is None else self._read_ahead_budget(budget_bytes))
         self._epoch = sampler.epoch
@@ -137,9 +139,10 @@ class TripletLoader:
         if budget_bytes < minimum:
             raise ValueError(
                 f"budget_bytes={budget_bytes:,} cannot hold DALI's queue and one step's reads: the minimum is "
-                f"{minimum:,} bytes = prefetch {self.prefetch} x ({read:,} B read in {self.reader.dtype} + "
-                f"{output:,} B of float32 outputs) + {read:,} B for the step being read (batch "
-                f"{self.sampler.batch_size}); raise budget_bytes or lower prefetch or the batch size"
+                f"{minimum:,} bytes = {self.prefetch + 2} x {read:,} B of patches kept for DALI (prefetch + 2, "
+                f"{self.reader.dtype}) + {self.prefetch} x {output:,} B of float32 outputs (prefetch) + {read:,} B "
+                f"for the step being read (batch {self.sampler.batch_size}); raise budget_bytes or lower prefetch "
+                "or the batch size"
             )
         return budget_bytes - self.queue_bytes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
+from urllib.parse import unquote
 
 import tensorstore as ts
 
@@ -19,8 +20,14 @@ def to_url(path: str | os.PathLike[str]) -> str:
             raise ValueError(
                 f"unsupported location {text!r}: use a local path or one of {', '.join(_REMOTE_SCHEMES)}"
             )
-        text = "file://" + os.path.abspath(text)
+        text = "file://" + _escape(os.path.abspath(text))
     return text if text.endswith("/") else text + "/"
+
+
+def _escape(path: str) -> str:
+    """A local path as a file:// URL path: '%', '?' and '#' percent-encoded, since tensorstore
+    decodes URLs (a folder 'p%41q' would otherwise open as 'pAq'); everything else kept readable."""
+    return path.replace("%", "%25").replace("?", "%3F").replace("#", "%23")
 
 
 def join(url: str, *parts: str) -> str:
@@ -41,7 +48,7 @@ def local_path(url: str) -> str:
     """The filesystem path of a file:// URL (no trailing slash)."""
     if not is_local(url):
         raise ValueError(f"{url} is not a local path")
-    return url[len("file://") :].rstrip("/") or "/"
+    return unquote(url[len("file://") :]).rstrip("/") or "/"
 
 
 def read_json(url: str, key: str) -> dict[str, Any] | None:

@@ -144,10 +144,6 @@ def _optional_positive(exp_name: str, key: str, value: Any) -> float | None:
     return number
 
 
-#: characters a local data_path may not hold: the reader opens it as a file:// URL (see _validate)
-_URL_SPECIAL = ("%", "?", "#")
-
-
 class ExperimentRegistry:
     """Validated experiments with their plate metadata, channel maps, tau ranges and Z windows.
 
@@ -249,12 +245,6 @@ class ExperimentRegistry:
             url = to_url(exp.data_path)
         except ValueError as err:
             raise ValueError(f"Experiment '{name}': data_path {err}") from None
-        if is_local(url) and any(c in exp.data_path for c in _URL_SPECIAL):
-            # tensorstore opens file:// URLs: it would percent-decode '%XX' (another folder) and cut at '?' or '#'
-            raise ValueError(
-                f"Experiment '{name}': data_path {exp.data_path} holds one of {' '.join(_URL_SPECIAL)}, which the "
-                "reader's file:// URLs do not keep literally; rename or link the folder without them"
-            )
         if is_local(url) and not os.path.isdir(local_path(url)):
             raise ValueError(f"Experiment '{name}': data_path does not exist: {exp.data_path}")
         try:

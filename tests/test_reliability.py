@@ -398,7 +398,7 @@ def test_budget_bytes_counts_dalis_queue_before_the_read_ahead(tmp_path):
     read, output = 2 * batch * 2 * (2 * 32 * 32) * 2, 2 * batch * 2 * (2 * 32 * 32) * 4
     assert read == PatchReader(index).plan_bytes(TripletSampler(index, batch, seed=3).plan(0, 0))
     free = loader()
-    queue = prefetch * (read + output)
+    queue = (prefetch + 2) * read + prefetch * output  # the feed keeps prefetch + 2 steps' arrays for DALI
     assert free.queue_bytes == queue and free.feed.budget_bytes is None
     record, clean = _in_flight(free)
     assert len(clean) > depth + 2 and max(n for n, _ in record) == depth + 1  # unbounded: the step + read_ahead
@@ -414,8 +414,8 @@ def test_budget_bytes_counts_dalis_queue_before_the_read_ahead(tmp_path):
     assert (queue + read) // read >= depth + 1
 
     with pytest.raises(ValueError, match=rf"budget_bytes={queue + read - 1:,} cannot hold DALI's queue and one "
-                                         rf"step's reads: the minimum is {queue + read:,} bytes = prefetch 2 x "
-                                         rf"\({read:,} B read in uint16 \+ {output:,} B of float32 outputs\)"):
+                                         rf"step's reads: the minimum is {queue + read:,} bytes = 4 x {read:,} B of "
+                                         rf"patches kept for DALI \(prefetch \+ 2, uint16\) \+ 2 x {output:,} B"):
         loader(budget_bytes=queue + read - 1)
     assert tree_hash(tmp_path) == before
 
@@ -518,15 +518,23 @@ def test_a_folder_named_like_shell_code_is_read_as_that_folder_and_reported(tmp_
 
 
 @pytest.mark.parametrize("name", ["p%41q", "p?q", "p#q"])
-def test_a_local_path_a_url_would_not_keep_literally_is_refused(tmp_path, name):
-    # "p%41q" would open as the file:// URL of "pAq": a plate there must never be read in its place
-    for folder in (name, "pAq", "p"):
+def test_a_local_path_with_url_characters_is_read_from_that_folder(tmp_path, name):
+    # "p%41q" must not open as the file:// URL of "pAq", nor "p?q" as "p": each folder holds other pixels
+    for folder, exp in ((name, "a"), ("pAq", "b"), ("p", "c")):
         (tmp_path / folder).mkdir()
-        e = make_experiment(tmp_path / folder, "a", {"A/1/0": tracks_table(track_rows(0, range(6)))}, ["P"],
-                            {"p": "P"}, shape=(1, 32, 32), n_t=6)
-    e["data_path"] = str(tmp_path / name / "a.zarr")
-    with pytest.raises(ValueError, match=re.escape(f"Experiment 'a': data_path {e['data_path']} holds one of % ? #")):
-        ExperimentRegistry.from_yaml(write_collection(tmp_path, [e]))
+        e = make_experiment(tmp_path / folder, exp, {"A/1/0": tracks_table(track_rows(0, range(6), y=16, x=16))},
+                            ["P"], {"p": "P"}, shape=(1, 32, 32), n_t=6)
+        for suffix in (".zarr", "_tracks"):  # the same names in every folder, other pixels
+            os.rename(tmp_path / folder / f"{exp}{suffix}", tmp_path / folder / f"a{suffix}")
+        if folder == name:
+            mine = dict(e, data_path=str(tmp_path / folder / "a.zarr"), tracks_path=str(tmp_path / folder / "a_tracks"))
+    index = LineageIndex.build(ExperimentRegistry.from_yaml(write_collection(tmp_path, [mine])),
+                               IndexConfig(patch_yx=(16, 16)), progress=False)
+    plan = make_plan(index, index.valid, np.random.default_rng(0))
+    got = PatchReader(index).read(plan)
+    want = pixels("a", "A/1/0", (6, 1, 1, 32, 32), "uint16")
+    for i, (t, y, x) in enumerate(zip(plan.anchor_boxes.t, plan.anchor_boxes.y, plan.anchor_boxes.x)):
+        np.testing.assert_array_equal(got.anchor[i], want[t][:, :, y:y + 16, x:x + 16])
 
 
 def test_a_million_row_csv_with_garbage_in_one_column_names_the_row():
