@@ -15,6 +15,7 @@ import numpy as np
 
 from dali_pipeline.augment_graph import param_arrays
 from dali_pipeline.reader import Patches, PatchReader, PendingRead
+from dali_pipeline.z_reduction import CenterSlices
 from sampler import BatchPlan
 
 
@@ -34,8 +35,10 @@ class PlanFeed:
         depth: int = 2,
         budget_bytes: int | None = None,
         keep: int = 4,
+        center: CenterSlices | None = None,
     ) -> None:
         self.reader = reader
+        self.center = center
         self.plan_for = plan_for
         self.params = params
         self.depth = depth
@@ -74,7 +77,7 @@ class PlanFeed:
         self._issue(step, ahead=False)
         for later in range(step + 1, step + 1 + self.depth):
             self._issue(later, ahead=True)
-        outputs = plan_outputs(self._pending.pop(step).result(), self.params)
+        outputs = plan_outputs(self._pending.pop(step).result(), self.params, self.center)
         self._kept.append(outputs)
         return outputs
 
@@ -89,8 +92,9 @@ class StatelessPlanSource:
     """
 
     def __init__(self, reader: PatchReader, plan_for: Callable[[int, int], BatchPlan], params: tuple[str, ...],
-                 start_epoch: int, start_step: int, n_steps: int) -> None:
+                 start_epoch: int, start_step: int, n_steps: int, center: CenterSlices | None = None) -> None:
         self.reader = reader
+        self.center = center
         self.plan_for = plan_for
         self.params = params
         self.start_epoch, self.start_step, self.n_steps = start_epoch, start_step, n_steps
@@ -99,7 +103,8 @@ class StatelessPlanSource:
         step = (self.start_step if info.epoch_idx == 0 else 0) + info.iteration
         if step >= self.n_steps:
             raise StopIteration
-        return plan_outputs(self.reader.read(self.plan_for(step, self.start_epoch + info.epoch_idx)), self.params)
+        plan = self.plan_for(step, self.start_epoch + info.epoch_idx)
+        return plan_outputs(self.reader.read(plan), self.params, self.center)
 
 
 class SplitSource:
@@ -144,24 +149,29 @@ class SplitSource:
 PIXELS = ("anchor", "positive")
 
 
-def source_names(fit: bool, params: tuple[str, ...]) -> list[str]:
-    """Names of a plan source's outputs (with augmentation parameters `params`), in `plan_outputs` order."""
+def source_names(fit: bool, params: tuple[str, ...], center: bool = False) -> list[str]:
+    """Names of a plan source's outputs (augmentation parameters `params`; with `center`, the
+    per-channel Z reduction mask), in `plan_outputs` order."""
     names = []
     for role in ("anchor", "positive") if fit else ("anchor",):
         names += [role, f"{role}_sub", f"{role}_div", *(f"{role}_{key}" for key in params)]
+        names += [f"{role}_zcenter"] if center else []
     return names + ["ids"]
 
 
-def plan_outputs(patches: Patches, params: tuple[str, ...]) -> tuple[np.ndarray, ...]:
-    """The source outputs of one read plan, in the order of `source_names(fit, params)`."""
+def plan_outputs(patches: Patches, params: tuple[str, ...], center: CenterSlices | None = None) -> tuple[np.ndarray, ...]:
+    """The source outputs of one read plan, in the order of `source_names(fit, params, center)`."""
     plan = patches.plan
-    out = [patches.anchor, *_norm_terms(plan.anchor_norm)]
-    if params:
-        out += param_arrays(plan.anchor_aug, params)
+    out = []
+    roles = [("anchor", patches.anchor, plan.anchor_rows, plan.anchor_norm, plan.anchor_aug)]
     if plan.fit:
-        out += [patches.positive, *_norm_terms(plan.positive_norm)]
+        roles.append(("positive", patches.positive, plan.positive_rows, plan.positive_norm, plan.positive_aug))
+    for _, pixels, rows, norm, aug in roles:
+        out += [pixels, *_norm_terms(norm)]
         if params:
-            out += param_arrays(plan.positive_aug, params)
+            out += param_arrays(aug, params)
+        if center is not None:
+            out.append(center(rows))
     return (*out, plan.ids)
 
 

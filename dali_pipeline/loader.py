@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +28,7 @@ from dali_pipeline.meta import (
 )
 from dali_pipeline.pipeline import GraphSpec, build_pipeline, output_names
 from dali_pipeline.reader import PatchReader
+from dali_pipeline.z_reduction import CenterSlices
 from sampler import LineageIndex, TripletSampler
 
 
@@ -35,7 +36,11 @@ class TripletLoader:
     """Iterable over one epoch of batches per `iter()`; see the README for the batch contract.
 
     `device="gpu"` needs `device_id` (the local rank's GPU); "cpu" runs the same graph on the CPU.
-    `final_patch` (Y, X) centre-crops, `z_reduction` ("max" or "center") reduces Z per channel.
+    `final_patch` (Y, X) centre-crops, `z_reduction` reduces Z to one slice: "max" (projection),
+    "center" (centre slice), "channelwise" (per channel label, as the reference's
+    BatchedChannelWiseZReductiond: centre slice for label-free channels such as phase, brightfield,
+    retardance or DIC, max for the others; per sample in bag-of-channels mode) or an explicit
+    {label: "max" | "center"} for every channel label.
     With `normalize=False` the statistics travel with the batch as (B, C, 2) arrays
     (`norm_meta="arrays"`) or as the reference's per-sample dicts (`"reference"`). `meta` chooses
     columns ({name: array}) or the reference's per-sample dicts. `prefetch` is DALI's queue depth,
@@ -69,7 +74,7 @@ class TripletLoader:
         device: Literal["cpu", "gpu"] = "gpu",
         device_id: int | None = None,
         final_patch: tuple[int, int] | None = None,
-        z_reduction: Literal["max", "center"] | None = None,
+        z_reduction: Literal["max", "center", "channelwise"] | Mapping[str, str] | None = None,
         normalize: bool = True,
         norm_meta: Literal["arrays", "reference"] = "arrays",
         meta: Literal["columns", "dicts"] = "columns",
@@ -104,7 +109,8 @@ class TripletLoader:
         self.num_threads = num_threads
         self.spec = GraphSpec(
             fit=not sampler.predict, device=device, storage_dtype=index.batch_dtype, read_shape=index.read_shape,
-            final_patch=None if final_patch is None else tuple(final_patch), z_reduction=z_reduction,
+            final_patch=None if final_patch is None else tuple(final_patch),
+            z_reduction="channelwise" if isinstance(z_reduction, Mapping) else z_reduction,
             normalize=normalize, augment=sampler.augment, resample=index.resampled,
             pixel_source=device if cache_bytes else None,
         )
@@ -112,9 +118,11 @@ class TripletLoader:
                        if cache_bytes else PatchReader(index, **reader_options))
         self.workers = workers
         self.params = used_params(sampler.augment)
+        self.center = CenterSlices.build(index, z_reduction) if self.spec.z_reduction == "channelwise" else None
         read, output = self._step_bytes()
         self.queue_bytes = (prefetch + 2) * read + prefetch * output  # arrays the feed keeps + DALI's outputs
         self.feed = PlanFeed(self.reader, sampler.plan, self.params, depth=read_ahead, keep=prefetch + 2,
+                             center=self.center,
                              budget_bytes=None if budget_bytes is None else self._read_ahead_budget(budget_bytes))
         self._epoch = sampler.epoch
         self._step = sampler.step
@@ -201,7 +209,7 @@ class TripletLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         pipe = build_pipeline(
-            source, source_names(self.spec.fit, self.params), self.spec,
+            source, source_names(self.spec.fit, self.params, self.center is not None), self.spec,
             batch_size=self.sampler.batch_size, device_id=self.device_id, num_threads=self.num_threads,
             prefetch=self.prefetch, workers=self.workers,
             # only spawned workers need it (shared-memory size); it costs a plan, so skip it otherwise
@@ -248,7 +256,8 @@ class TripletLoader:
         epoch, step = restore["origin"]
         checkpoint = base64.b64decode(restore["checkpoint"])
         if self.workers:
-            source = StatelessPlanSource(self.reader, self.sampler.plan, self.params, epoch, step, len(self))
+            source = StatelessPlanSource(self.reader, self.sampler.plan, self.params, epoch, step, len(self),
+                                         self.center)
             self._next_position = (self._epoch + 1, 0)
         else:
             self.feed.position(epoch, step, len(self))
@@ -266,7 +275,7 @@ class TripletLoader:
         else:
             self._iterator = None  # releases the old pipeline and its workers
             source = StatelessPlanSource(self.reader, self.sampler.plan, self.params, self._epoch, self._step,
-                                         len(self))
+                                         len(self), self.center)
             self._origin = (self._epoch, self._step)
             self._iterator = self._dali_iterator(source)
         self._next_position = (self._epoch + 1, 0)

@@ -31,7 +31,8 @@ class GraphSpec:
     storage_dtype: np.dtype
     read_shape: tuple[int, int, int]  # (Z, Y, X) of every read box
     final_patch: tuple[int, int] | None = None  # centre crop (Y, X)
-    z_reduction: Literal["max", "center"] | None = None
+    #: "channelwise": per (sample, channel), the centre slice or the max as the source's `*_zcenter` mask says
+    z_reduction: Literal["max", "center", "channelwise"] | None = None
     normalize: bool = True
     augment: AugmentConfig | None = None
     resample: bool = False  # read boxes differ by experiment (pixel sizes): resize each to read_shape
@@ -46,8 +47,8 @@ class GraphSpec:
             raise ValueError(f"pixel_source must be None, 'cpu' or 'gpu', got {self.pixel_source!r}")
         if self.pixel_source == "gpu" and self.device != "gpu":
             raise ValueError("patches in GPU memory need the GPU pipeline (device='gpu')")
-        if self.z_reduction not in (None, "max", "center"):
-            raise ValueError(f"z_reduction must be None, 'max' or 'center', got {self.z_reduction!r}")
+        if self.z_reduction not in (None, "max", "center", "channelwise"):
+            raise ValueError(f"z_reduction must be None, 'max', 'center' or 'channelwise', got {self.z_reduction!r}")
         if self.final_patch is not None:
             _, y, x = self.augmented_shape
             fy, fx = self.final_patch
@@ -82,8 +83,8 @@ def _dali_dtype(dtype: np.dtype):
         raise ValueError(f"no DALI type for storage dtype {dtype}") from None
 
 
-def _reshape(x, spec: GraphSpec):
-    """Centre crop and Z reduction of a (C, Z, Y, X) node."""
+def _reshape(x, spec: GraphSpec, zcenter=None):
+    """Centre crop and Z reduction of a (C, Z, Y, X) node (`zcenter`: the (C, 1, 1, 1) channelwise mask)."""
     fn = require_dali().fn
     z, y, x_size = spec.augmented_shape
     if spec.final_patch is not None:
@@ -94,6 +95,8 @@ def _reshape(x, spec: GraphSpec):
         x = fn.reductions.max(x, axes=[1], keep_dims=True)
     elif spec.z_reduction == "center":
         x = x[:, z // 2 : z // 2 + 1]
+    elif spec.z_reduction == "channelwise":  # mask 0 or 1: exactly one of the two terms survives
+        x = fn.reductions.max(x, axes=[1], keep_dims=True) * (1.0 - zcenter) + x[:, z // 2 : z // 2 + 1] * zcenter
     return x
 
 
@@ -127,7 +130,7 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
     fn, types = dali.fn, dali.types
     patch = _dali_dtype(spec.storage_dtype)
     kinds = {"anchor": (patch, 4, "CDHW"), "positive": (patch, 4, "CDHW"), "ids": (types.INT64, 1, None)}
-    for key in ("anchor_sub", "anchor_div", "positive_sub", "positive_div"):
+    for key in ("anchor_sub", "anchor_div", "positive_sub", "positive_div", "anchor_zcenter", "positive_zcenter"):
         kinds[key] = (types.FLOAT, 4, "CDHW")
     for role in ("anchor", "positive"):
         for key, (dtype, ndim) in param_kinds().items():
@@ -163,13 +166,15 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
                 x = fn.tensor_resize(x, sizes=list(spec.read_shape), axes=[1, 2, 3], interp_type=types.INTERP_LINEAR,
                                      antialias=False, dtype=types.FLOAT)
             sub, div = by_name[f"{role}_sub"], by_name[f"{role}_div"]
+            zcenter = by_name.get(f"{role}_zcenter")
             is_float = spec.resample or np.dtype(spec.storage_dtype) == np.float32
             if spec.augment is None:  # reshaping first: it commutes with normalization and shrinks the work
-                outputs.append(_normalize(_reshape(x, spec), sub, div, spec, is_float))
+                reshaped_float = is_float or spec.z_reduction == "channelwise"  # the mask's product is float32
+                outputs.append(_normalize(_reshape(x, spec, zcenter), sub, div, spec, reshaped_float))
             else:  # augmentations see the whole normalized read box, as the reference's
                 params = {key: by_name[f"{role}_{key}"] for key in used_params(spec.augment)}
                 x = augment(_normalize(x, sub, div, spec, is_float), params, spec.augment)
-                outputs.append(_reshape(x, spec))
+                outputs.append(_reshape(x, spec, zcenter))
         outputs.append(by_name["ids"])
         if not spec.normalize:
             for role in ("anchor", "positive") if spec.fit else ("anchor",):
