@@ -30,10 +30,10 @@ from sampler import BatchPlan, LineageIndex, ReadBoxes
 class _Fetch:
     """One chunk read in flight, shared by every pending plan that needs it."""
 
-    __slots__ = ("chunk", "future", "key", "nbytes")
+    __slots__ = ("buffer", "chunk", "future", "key", "nbytes")
 
-    def __init__(self, key: tuple[int, ...], future: ts.Future, nbytes: int) -> None:
-        self.key, self.future, self.nbytes, self.chunk = key, future, nbytes, None
+    def __init__(self, key: tuple[int, ...], future: ts.Future, nbytes: int, buffer: np.ndarray | None) -> None:
+        self.key, self.future, self.nbytes, self.buffer, self.chunk = key, future, nbytes, buffer, None
 
 
 @dataclass
@@ -55,17 +55,21 @@ class _Pieces:
 class PendingCachedRead:
     """A plan whose missing chunks are in flight; `result()` waits, caches them and assembles the patches."""
 
-    def __init__(self, reader: CachedPatchReader, plan: BatchPlan, held: list, pieces: _Pieces, nbytes: int) -> None:
-        self.reader, self.plan, self.held, self.pieces, self.nbytes = reader, plan, held, pieces, nbytes
+    def __init__(self, reader: CachedPatchReader, plan: BatchPlan, keys: list[tuple[int, ...]], held: list,
+                 pieces: _Pieces, nbytes: int) -> None:
+        self.reader, self.plan, self.keys, self.held, self.pieces, self.nbytes = reader, plan, keys, held, pieces, nbytes
 
     def result(self) -> Patches:
         reader = self.reader
         try:
-            chunks = [reader._resolve(c) if isinstance(c, _Fetch) else c for c in self.held]
-        except Exception:  # tensorstore raises ValueError/OSError subclasses
-            reader._forget(self.held)
-            return reader._uncached(self.plan)
-        return reader._assemble_plan(self.plan, chunks, self.pieces)
+            try:
+                chunks = [reader._resolve(c) if isinstance(c, _Fetch) else c for c in self.held]
+            except Exception:  # tensorstore raises ValueError/OSError subclasses
+                reader._forget(self.held)
+                return reader._uncached(self.plan)
+            return reader._assemble_plan(self.plan, chunks, self.pieces)
+        finally:
+            reader._unpin(self.keys)
 
 
 class CachedPatchReader(PatchReader):
@@ -90,6 +94,14 @@ class CachedPatchReader(PatchReader):
         self.cache = ChunkCache(cache_bytes)
         self._shape = index.fovs[list("TCZYX")].to_numpy().astype(np.int64)
         self._inflight: dict[tuple[int, ...], _Fetch] = {}
+        # host memory is recycled: evicted chunk buffers are reused for new chunks once no pending plan
+        # holds them (glibc would otherwise keep the freed ones and let RSS outgrow the budget); spares
+        # are never freed, so the buffers ever allocated stay at the peak of cached + pinned chunks
+        self._pins: dict[tuple[int, ...], int] = {}
+        self._retired: dict[tuple[int, ...], list] = {}
+        self._free: dict[tuple, list] = {}
+        self._free_bytes = 0
+        self.buffers = {"allocated": 0, "reused": 0}
         self.copy_threads = max(1, min(4, self.concurrency))
         self._copiers = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="chunk-copy") \
             if self.xp is np and self.copy_threads > 1 else None
@@ -144,10 +156,13 @@ class CachedPatchReader(PatchReader):
     # ------------------------------------------------------------------ reading
     def submit(self, plan: BatchPlan) -> PendingCachedRead:
         """List the plan's chunks, start reading those neither cached nor in flight, and return at once."""
-        keys, pieces = self._pieces(self._plan_boxes(plan))
+        keys_array, pieces = self._pieces(self._plan_boxes(plan))
+        keys = list(map(tuple, keys_array.tolist()))
+        for key in keys:
+            self._pins[key] = self._pins.get(key, 0) + 1
         held: list = []
         missing: list[tuple[int, tuple[int, ...]]] = []
-        for key in map(tuple, keys.tolist()):
+        for key in keys:
             fetch = self._inflight.get(key)
             if fetch is not None:  # read for an earlier plan, not yet taken: shared, not read again
                 self.cache.stats.hits += 1
@@ -162,20 +177,59 @@ class CachedPatchReader(PatchReader):
                 for slot, key in missing:
                     fov, origin = key[0], np.array(key[1:]) * self._chunks[key[0]]
                     end = np.minimum(origin + self._chunks[fov], self._shape[fov])
-                    region = tuple(slice(int(a), int(b)) for a, b in zip(origin, end))
-                    future = self._raw_store(fov)[region].read(batch=batch)
-                    fetch = _Fetch(key, future, int(np.prod(end - origin)) * int(self._itemsize[fov]))
+                    view = self._raw_store(fov)[tuple(slice(int(a), int(b)) for a, b in zip(origin, end))]
+                    if self.xp is np:  # decoded straight into a recycled (or new) host buffer
+                        buffer = self._take(tuple(int(v) for v in end - origin), view.dtype.numpy_dtype)
+                        future = ts.array(buffer, copy=False, write=True).write(view.translate_to[0])
+                    else:  # a GPU cache: read on the host, uploaded once in _resolve
+                        buffer, future = None, view.read(batch=batch)
+                    fetch = _Fetch(key, future, int(np.prod(end - origin)) * int(self._itemsize[fov]), buffer)
                     self._inflight[key] = fetch
                     held[slot] = fetch
-        return PendingCachedRead(self, plan, held, pieces, self.plan_bytes(plan))
+        return PendingCachedRead(self, plan, keys, held, pieces, self.plan_bytes(plan))
+
+    def _take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """A host buffer for one chunk: a recycled one of that shape and dtype, else a new one."""
+        spare = self._free.get((shape, dtype))
+        if spare:
+            buffer = spare.pop()
+            self._free_bytes -= buffer.nbytes
+            self.buffers["reused"] += 1
+            return buffer
+        self.buffers["allocated"] += 1
+        return np.empty(shape, dtype)
+
+    def _recycle(self, chunk: Any) -> None:
+        """Keep an unused host chunk buffer for the next chunk of its shape and dtype (cupy pools its own)."""
+        if self.xp is np:
+            self._free.setdefault((chunk.shape, chunk.dtype), []).append(chunk)
+            self._free_bytes += chunk.nbytes
+
+    def _evicted(self, evicted: list) -> None:
+        for key, chunk in evicted:
+            if self._pins.get(key):  # a pending plan still reads it: recycle when that plan is done
+                self._retired.setdefault(key, []).append(chunk)
+            else:
+                self._recycle(chunk)
+
+    def _unpin(self, keys: list[tuple[int, ...]]) -> None:
+        for key in keys:
+            left = self._pins[key] - 1
+            if left:
+                self._pins[key] = left
+                continue
+            del self._pins[key]
+            for chunk in self._retired.pop(key, ()):
+                self._recycle(chunk)
 
     def _resolve(self, fetch: _Fetch) -> Any:
         """The fetched chunk in the cache's array module, cached and counted on first use."""
         if fetch.chunk is None:
-            fetch.chunk = self.xp.asarray(fetch.future.result())
+            done = fetch.future.result()
+            fetch.chunk = fetch.buffer if fetch.buffer is not None else self.xp.asarray(done)
             if self._inflight.get(fetch.key) is fetch:
                 del self._inflight[fetch.key]
-            self.cache.put(fetch.key, fetch.chunk)
+            self._evicted(self.cache.put(fetch.key, fetch.chunk))
             self.stats.chunks_decoded += 1
             self.stats.bytes_decoded += fetch.nbytes
         return fetch.chunk

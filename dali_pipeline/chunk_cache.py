@@ -77,19 +77,22 @@ class ChunkCache:
         self.stats.hits += 1
         return chunk
 
-    def put(self, key: Hashable, chunk: Any) -> None:
-        """Keep `chunk`, evicting the least recently used ones until it fits."""
+    def put(self, key: Hashable, chunk: Any) -> list[tuple[Hashable, Any]]:
+        """Keep `chunk`, evicting the least recently used ones until it fits; returns the evicted (key, chunk)s."""
         size = int(chunk.nbytes)
         if size > self.budget_bytes or key in self._items:
-            return
+            return []
+        evicted = []
         while self.nbytes + size > self.budget_bytes:
-            _, old = self._items.popitem(last=False)
+            old_key, old = self._items.popitem(last=False)
             self.nbytes -= int(old.nbytes)
             self.stats.evictions += 1
+            evicted.append((old_key, old))
         self._items[key] = chunk
         self.nbytes += size
         self.stats.bytes_inserted += size
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes)
+        return evicted
 
     def clear(self) -> None:
         self._items.clear()

@@ -152,6 +152,26 @@ def test_eviction_under_a_tiny_budget_stays_correct_and_within_budget(index):
     assert reader.stats.chunks_decoded > len(chunks_of(index, epoch_plans(index)[:6]))  # re-read after eviction
 
 
+def test_evicted_buffers_are_reused_only_once_no_pending_plan_reads_them(index):
+    chunk = 2 * 16 * 16 * 2
+    reader = CachedPatchReader(index, cache_bytes=11 * chunk)  # far below a step's chunks: constant eviction
+    plain = PatchReader(index)
+    allocated, decoded = [], []
+    for epochs in ((0, 1), (2, 3)):
+        plans = [plan for epoch in epochs for plan in epoch_plans(index, epoch)]
+        for plan, got in zip(plans, reader.prefetch(plans, depth=3)):  # 4 plans pinning chunks at once
+            want = plain.read(plan)
+            np.testing.assert_array_equal(got.anchor, want.anchor)
+            np.testing.assert_array_equal(got.positive, want.positive)
+        allocated.append(reader.buffers["allocated"])
+        decoded.append(reader.stats.chunks_decoded)
+    # buffers ever allocated: at most the cache plus the chunks of 4 pending plans, and flat once reached
+    most = max(len(chunks_of(index, [plan])) for plan in plans)
+    assert allocated[-1] <= 11 + 4 * most
+    assert allocated[1] - allocated[0] < 0.1 * (decoded[1] - decoded[0])
+    assert not reader._pins and not reader._retired and reader.cache.nbytes <= 11 * chunk
+
+
 def test_read_ahead_shares_chunks_in_flight_between_plans(index):
     plan = epoch_plans(index)[0]
     reader = CachedPatchReader(index, cache_bytes=64 << 20)
