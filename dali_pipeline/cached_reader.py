@@ -178,26 +178,26 @@ class CachedPatchReader(PatchReader):
                     fov, origin = key[0], np.array(key[1:]) * self._chunks[key[0]]
                     end = np.minimum(origin + self._chunks[fov], self._shape[fov])
                     view = self._raw_store(fov)[tuple(slice(int(a), int(b)) for a, b in zip(origin, end))]
-                    if self.xp is np:  # decoded straight into a recycled (or new) host buffer
-                        buffer = self._take(tuple(int(v) for v in end - origin), view.dtype.numpy_dtype)
+                    buffer = self._spare(tuple(int(v) for v in end - origin), view.dtype.numpy_dtype)
+                    if buffer is not None:  # decoded straight into a recycled host buffer
                         future = ts.array(buffer, copy=False, write=True).write(view.translate_to[0])
-                    else:  # a GPU cache: read on the host, uploaded once in _resolve
-                        buffer, future = None, view.read(batch=batch)
+                    else:  # read with the step's batch (tensorstore allocates; a GPU cache uploads it once)
+                        future = view.read(batch=batch)
                     fetch = _Fetch(key, future, int(np.prod(end - origin)) * int(self._itemsize[fov]), buffer)
                     self._inflight[key] = fetch
                     held[slot] = fetch
         return PendingCachedRead(self, plan, keys, held, pieces, self.plan_bytes(plan))
 
-    def _take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A host buffer for one chunk: a recycled one of that shape and dtype, else a new one."""
+    def _spare(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        """A recycled host buffer of that shape and dtype, if one is free (None on a GPU cache)."""
         spare = self._free.get((shape, dtype))
-        if spare:
-            buffer = spare.pop()
-            self._free_bytes -= buffer.nbytes
-            self.buffers["reused"] += 1
-            return buffer
-        self.buffers["allocated"] += 1
-        return np.empty(shape, dtype)
+        if not spare:
+            self.buffers["allocated"] += 1
+            return None
+        buffer = spare.pop()
+        self._free_bytes -= buffer.nbytes
+        self.buffers["reused"] += 1
+        return buffer
 
     def _recycle(self, chunk: Any) -> None:
         """Keep an unused host chunk buffer for the next chunk of its shape and dtype (cupy pools its own)."""
