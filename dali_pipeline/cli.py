@@ -204,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     t_index = time.perf_counter() - t0
     sampler = TripletSampler(index, args.batch_size, seed=args.seed)
     loader = TripletLoader(index, sampler, device=device, device_id=0 if device == "gpu" else None,
-                           z_reduction="max")
+                           z_reduction="max", cache_bytes=args.cache_mb << 20)
     torch.manual_seed(args.seed)
     model = SmallEncoder(index.n_channels, width=args.width)
     torch_device = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
@@ -244,6 +244,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         data_seconds=t_data, index_seconds=t_index, train_seconds=result.seconds,
         pairs_per_s=result.pairs_per_s, loader_pairs_per_s=result.loader_pairs_per_s,
         loss_start=start, loss_end=end, losses=result.losses,
+        chunk_cache=loader.reader.cache.stats.as_dict() if args.cache_mb else None,
     )
     _atomic_text(outputs["summary.json"], json.dumps(report, indent=1) + "\n")
     size = f", {on_disk / 1e6:.1f} MB on disk" if on_disk else ""
@@ -253,6 +254,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"tau frames {tau}, read box (Z, Y, X) {index.read_shape}, built in {t_index:.2f} s")
     print(f"throughput  {result.pairs_per_s:,.0f} pairs/s training end to end; the DALI {device} loader alone "
           f"{result.loader_pairs_per_s:,.0f} pairs/s (pairs per second spent waiting for batches)")
+    if args.cache_mb:
+        cache = loader.reader.cache
+        print(f"chunk cache {cache.nbytes / 1e6:.1f} MB of {args.cache_mb} MiB held, hit rate {cache.stats.hit_rate:.0%}, "
+              f"{loader.reader.stats.chunks_decoded} chunks decoded")
     print(f"loss        NT-Xent {start:.3f} (mean of the first 10 steps) -> {end:.3f} (last 10), "
           f"{end / start:.0%} of the start, in {result.seconds:.1f} s")
     print(f"outputs     {outputs['pairs.png']}, {outputs['loss.png']}, {outputs['summary.json']}")
@@ -503,6 +508,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=16, help="channels of the first conv layer (16; then x2, x4)")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (1e-3)")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (0.2)")
+    p.add_argument("--cache-mb", type=int, default=0,
+                   help="chunk cache in MiB: decode each chunk once, crop patches from it (0: off)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_demo)
 

@@ -70,6 +70,18 @@ def test_demo_trains_and_the_loss_falls(demo_env, tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "pairs.png exists; pass --overwrite to replace it" in err
 
 
+def test_demo_with_a_chunk_cache_trains_on_the_same_batches(demo_env, tmp_path, capsys):
+    losses = {}
+    for cache in ("0", "64"):
+        out = tmp_path / f"cache{cache}"
+        assert main(["demo", "--steps", "12", "--batch-size", "16", "--out", str(out), "--cache-mb", cache]) == 0
+        report = json.loads((out / "summary.json").read_text())
+        losses[cache] = report["losses"]
+    text = capsys.readouterr().out
+    assert "chunk cache " in text and report["chunk_cache"]["hits"] > 0
+    np.testing.assert_allclose(losses["64"], losses["0"], rtol=1e-5)
+
+
 def test_nt_xent_matches_a_direct_formula():
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)
