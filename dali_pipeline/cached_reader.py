@@ -23,7 +23,7 @@ import numpy as np
 import tensorstore as ts
 
 from dali_pipeline.chunk_cache import ChunkCache, array_module
-from dali_pipeline.reader import Patches, PatchReader
+from dali_pipeline.reader import Patches, PatchReader, chunk_overlaps
 from sampler import BatchPlan, LineageIndex, ReadBoxes
 
 
@@ -113,24 +113,10 @@ class CachedPatchReader(PatchReader):
     # ------------------------------------------------------------------ planning
     def _pieces(self, boxes: ReadBoxes) -> tuple[np.ndarray, _Pieces]:
         """Unique (fov, t, c, z, y, x) chunk keys the boxes touch, and the copies that assemble them."""
-        n, n_c = len(boxes), boxes.channels.shape[1]
-        fov = np.repeat(boxes.fov.astype(np.int64), n_c)
-        size = np.ones((n * n_c, 5), np.int64)
-        size[:, 2:] = np.repeat(self.box_shapes(boxes), n_c, axis=0)
-        start = np.stack(np.broadcast_arrays(
-            boxes.t[:, None], boxes.channels, boxes.z[:, None], boxes.y[:, None], boxes.x[:, None]), axis=-1
-        ).reshape(-1, 5).astype(np.int64)
-        grid = self._chunks[fov]
-        first = start // grid
-        count = (start + size - 1) // grid - first + 1
-        total = np.prod(count, axis=1)
-        owner = np.repeat(np.arange(len(first)), total)
-        rest = np.arange(len(owner)) - np.repeat(np.cumsum(total) - total, total)
-        idx = np.empty((len(owner), 5), np.int64)
-        for axis in range(4, -1, -1):
-            k = count[owner, axis]
-            idx[:, axis] = first[owner, axis] + rest % k
-            rest //= k
+        touched = chunk_overlaps(boxes, self.box_shapes(boxes), self._chunks)
+        n_c = boxes.channels.shape[1]
+        fov, start, size, grid, owner, idx = (touched.fov, touched.start, touched.size, touched.grid,
+                                              touched.owner, touched.index)
         origin = idx * grid[owner]
         lo = np.maximum(start[owner], origin)
         hi = np.minimum(start[owner] + size[owner], origin + grid[owner])

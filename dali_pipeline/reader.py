@@ -319,25 +319,8 @@ class PatchReader:
 
     def _chunks_touched(self, boxes: ReadBoxes) -> np.ndarray:
         """(n, 6) int64 rows (fov, t, c, z, y, x chunk indices) of every chunk the boxes touch."""
-        n_c = boxes.channels.shape[1]
-        size = np.repeat(np.concatenate([np.ones((len(boxes), 2), np.int64), self.box_shapes(boxes)], axis=1),
-                         n_c, axis=0)
-        start = np.stack(np.broadcast_arrays(
-            boxes.t[:, None], boxes.channels, boxes.z[:, None], boxes.y[:, None], boxes.x[:, None]), axis=-1
-        ).reshape(-1, 5).astype(np.int64)
-        grid = np.repeat(self._chunks[boxes.fov], n_c, axis=0)
-        first = start // grid
-        count = (start + size - 1) // grid - first + 1
-        total = np.prod(count, axis=1)
-        owner = np.repeat(np.arange(len(first)), total)
-        rest = np.arange(len(owner)) - np.repeat(np.cumsum(total) - total, total)
-        out = np.empty((len(owner), 6), dtype=np.int64)
-        out[:, 0] = np.repeat(boxes.fov, n_c)[owner]
-        for axis in range(4, -1, -1):
-            n = count[owner, axis]
-            out[:, 1 + axis] = first[owner, axis] + rest % n
-            rest //= n
-        return out
+        touched = chunk_overlaps(boxes, self.box_shapes(boxes), self._chunks)
+        return np.column_stack([touched.fov[touched.owner], touched.index])
 
     def _box_label(self, role: str, b: ReadBoxes, j: int) -> tuple[str, str]:
         """(where, box) descriptions of sample j of `b`: experiment, FOV and t; the box itself."""
@@ -417,6 +400,45 @@ class PatchReader:
                     ) from None
                 i += 1
         raise PatchReadError(f"reading a plan of {len(plan)} anchors failed: {err}") from None
+
+
+@dataclass
+class ChunkOverlaps:
+    """Every (patch, chunk) overlap of some boxes; patch p is sample p // C, channel p % C.
+
+    Per patch: `fov`, `start` and `size` (T, C, Z, Y, X of its box, t and c of size 1) and `grid`
+    (its FOV's chunk shape). Per overlap: `owner` (the patch) and `index` (the chunk's grid index).
+    """
+
+    fov: np.ndarray
+    start: np.ndarray
+    size: np.ndarray
+    grid: np.ndarray
+    owner: np.ndarray
+    index: np.ndarray
+
+
+def chunk_overlaps(boxes: ReadBoxes, box_shapes: np.ndarray, chunks_by_fov: np.ndarray) -> ChunkOverlaps:
+    """The chunks each channel of each box touches, vectorised (`box_shapes`: (B, 3) ZYX, `chunks_by_fov`: TCZYX)."""
+    n, n_c = len(boxes), boxes.channels.shape[1]
+    fov = np.repeat(boxes.fov.astype(np.int64), n_c)
+    size = np.ones((n * n_c, 5), np.int64)
+    size[:, 2:] = np.repeat(box_shapes, n_c, axis=0)
+    start = np.stack(np.broadcast_arrays(
+        boxes.t[:, None], boxes.channels, boxes.z[:, None], boxes.y[:, None], boxes.x[:, None]), axis=-1
+    ).reshape(-1, 5).astype(np.int64)
+    grid = chunks_by_fov[fov]
+    first = start // grid
+    count = (start + size - 1) // grid - first + 1
+    total = np.prod(count, axis=1)
+    owner = np.repeat(np.arange(len(first)), total)
+    rest = np.arange(len(owner)) - np.repeat(np.cumsum(total) - total, total)
+    index = np.empty((len(owner), 5), np.int64)
+    for axis in range(4, -1, -1):
+        k = count[owner, axis]
+        index[:, axis] = first[owner, axis] + rest % k
+        rest //= k
+    return ChunkOverlaps(fov, start, size, grid, owner, index)
 
 
 def take_plan(plan: BatchPlan, rows: np.ndarray) -> BatchPlan:
