@@ -42,7 +42,8 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-def soak(epochs: int, batch: int, data: Path, read_ahead: int, budget_bytes: int | None) -> dict[str, Any]:
+def soak(epochs: int, batch: int, data: Path, read_ahead: int, budget_bytes: int | None,
+         cache_bytes: int = 0) -> dict[str, Any]:
     from dali_pipeline.datasets.synthetic import demo_spec, write_synthetic
     from dali_pipeline.loader import TripletLoader
     from sampler import ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler
@@ -52,7 +53,8 @@ def soak(epochs: int, batch: int, data: Path, read_ahead: int, budget_bytes: int
         yaml_path = write_synthetic(data, demo_spec(), progress=False)
     index = LineageIndex.build(ExperimentRegistry.from_yaml(yaml_path), IndexConfig(patch_yx=(32, 32)), progress=False)
     sampler = TripletSampler(index, batch, seed=0)
-    loader = TripletLoader(index, sampler, device="cpu", read_ahead=read_ahead, budget_bytes=budget_bytes)
+    loader = TripletLoader(index, sampler, device="cpu", read_ahead=read_ahead, budget_bytes=budget_bytes,
+                           cache_bytes=cache_bytes)
     curve, times, checksum = [], [], 0.0
     start_rss = rss_bytes()
     for epoch in range(epochs):
@@ -69,7 +71,9 @@ def soak(epochs: int, batch: int, data: Path, read_ahead: int, budget_bytes: int
     ref = curve[2] if len(curve) >= 3 else curve[0]
     growth = (max(curve[3:]) - ref) / ref if len(curve) > 3 else 0.0
     return dict(epochs=epochs, batch=batch, steps_per_epoch=len(loader), observations=len(index),
-                read_ahead=read_ahead, budget_bytes=budget_bytes, rss_start_bytes=start_rss, rss_bytes=curve,
+                read_ahead=read_ahead, budget_bytes=budget_bytes, cache_bytes=cache_bytes,
+                cache_stats=loader.reader.cache.stats.as_dict() if cache_bytes else None,
+                rss_start_bytes=start_rss, rss_bytes=curve,
                 epoch_s=times, growth_after_epoch3=growth, growth_limit=GROWTH_LIMIT,
                 met=growth <= GROWTH_LIMIT, read_stats=loader.reader.stats.as_dict(),
                 rss_source="psutil" if _has_psutil() else "/proc/self/status VmRSS")
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--read-ahead", type=int, default=2)
     parser.add_argument("--budget-bytes", type=int, default=None)
+    parser.add_argument("--cache-mb", type=int, default=0, help="read through a chunk cache of this many MiB")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--skip-index", action="store_true", help="do not measure index memory at 10^6 rows")
     parser.add_argument("--index-child", help=argparse.SUPPRESS)
@@ -178,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         index_child(args.index_child)
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    result = soak(args.epochs, args.batch, args.out / "data" / "demo", args.read_ahead, args.budget_bytes)
+    result = soak(args.epochs, args.batch, args.out / "data" / "demo", args.read_ahead, args.budget_bytes,
+                  args.cache_mb << 20)
     if not args.skip_index:
         result["index_memory"] = index_memory()
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
