@@ -20,6 +20,18 @@ def pixels(experiment: str, fov: str, shape: tuple[int, ...], dtype: str) -> np.
     return rng.integers(0, 1000, size=shape).astype(dtype)
 
 
+def expected_patches(index, boxes) -> np.ndarray:
+    """The boxes cut with plain numpy from the arrays `make_experiment` wrote (shapes from `index.fovs`)."""
+    z, y, x = index.read_shape
+    out = []
+    for f, t, z0, y0, x0, ch in zip(boxes.fov, boxes.t, boxes.z, boxes.y, boxes.x, boxes.channels):
+        fov = index.fovs.iloc[f]
+        shape = tuple(int(fov[a]) for a in "TCZYX")
+        full = pixels(fov.experiment, fov.fov_name, shape, index.experiments.storage_dtype[fov.exp])
+        out.append(full[t][ch][:, z0:z0 + z, y0:y0 + y, x0:x0 + x])
+    return np.stack(out).astype(index.batch_dtype)
+
+
 def known_norm(zarr_name: str, t: int) -> tuple[float, float]:
     """The (mean, std) written for a channel at t: an independent expectation for the index."""
     return 100.0 + 7.0 * t + len(zarr_name), 2.0 + 0.5 * t

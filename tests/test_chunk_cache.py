@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from builders import make_experiment, pixels, track_rows, tracks_table, write_collection
+from builders import expected_patches, make_experiment, track_rows, tracks_table, write_collection
 
 from dali_pipeline import PatchReader, kvstore_reads
 from dali_pipeline.cached_reader import CachedPatchReader
@@ -19,7 +19,6 @@ from sampler import (
     ExperimentRegistry,
     IndexConfig,
     LineageIndex,
-    ReadBoxes,
     TripletSampler,
     make_plan,
 )
@@ -51,18 +50,6 @@ def build(root: Path, **layout) -> LineageIndex:
     path = write_collection(root, [a, b], labels=["phase", "gfp"])
     registry = ExperimentRegistry.from_yaml(path, z_window=3)
     return LineageIndex.build(registry, IndexConfig(patch_yx=(32, 32)), progress=False)
-
-
-def expected(index: LineageIndex, boxes: ReadBoxes) -> np.ndarray:
-    """The boxes cut with numpy from the arrays as written."""
-    z, y, x = index.read_shape
-    out = []
-    for f, t, z0, y0, x0, ch in zip(boxes.fov, boxes.t, boxes.z, boxes.y, boxes.x, boxes.channels):
-        fov = index.fovs.iloc[f]
-        dtype = index.experiments.storage_dtype[fov.exp]
-        full = pixels(fov.experiment, fov.fov_name, (N_T, int(fov.C), *SHAPE), dtype)
-        out.append(full[t][ch][:, z0:z0 + z, y0:y0 + y, x0:x0 + x])
-    return np.stack(out).astype(index.batch_dtype)
 
 
 def chunks_of(index: LineageIndex, plans: list[BatchPlan]) -> set[tuple[int, ...]]:
@@ -101,7 +88,7 @@ def test_patches_equal_the_uncached_reader_and_numpy(index):
         assert got.anchor.flags.c_contiguous and got.positive.flags.c_contiguous
         np.testing.assert_array_equal(got.anchor, want.anchor)
         np.testing.assert_array_equal(got.positive, want.positive)
-        np.testing.assert_array_equal(got.positive, expected(index, plan.positive_boxes))
+        np.testing.assert_array_equal(got.positive, expected_patches(index, plan.positive_boxes))
         b = plan.anchor_boxes
         spans += int(((b.z % 2 != 0) & (b.y % 16 != 0) & (b.x % 16 != 0)).sum())  # 2 x 3 x 3 chunks
     assert spans > 0  # boxes straddling chunks in every axis were exercised

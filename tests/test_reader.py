@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builders import make_experiment, pixels, track_rows, tracks_table, write_collection
+from builders import expected_patches, make_experiment, track_rows, tracks_table, write_collection
 from dali_pipeline import PatchReader, PatchReadError, kvstore_reads
 from sampler import BatchPlan, ExperimentRegistry, IndexConfig, LineageIndex, ReadBoxes, make_plan
 
@@ -49,18 +49,6 @@ def collection(root: Path, **layout) -> Path:
 def build(root: Path, **layout) -> LineageIndex:
     registry = ExperimentRegistry.from_yaml(collection(root, **layout), z_window=2)
     return LineageIndex.build(registry, IndexConfig(patch_yx=(32, 32)), progress=False)
-
-
-def expected_patches(index: LineageIndex, boxes: ReadBoxes) -> np.ndarray:
-    """The boxes cut from the arrays as written, with plain numpy."""
-    z, y, x = index.read_shape
-    out = []
-    for f, t, z0, y0, x0, ch in zip(boxes.fov, boxes.t, boxes.z, boxes.y, boxes.x, boxes.channels):
-        fov = index.fovs.iloc[f]
-        exp = index.experiments.iloc[fov.exp]
-        full = pixels(fov.experiment, fov.fov_name, (N_T, int(fov.C), *SHAPE), exp.storage_dtype)
-        out.append(full[t][ch][:, z0:z0 + z, y0:y0 + y, x0:x0 + x])
-    return np.stack(out).astype(index.batch_dtype)
 
 
 def tree_hash(root: Path) -> str:

@@ -26,11 +26,11 @@ import pyarrow.csv as pacsv
 import pytest
 import yaml
 
-from builders import make_experiment, pixels, track_rows, tracks_table, write_collection
+from builders import expected_patches, make_experiment, pixels, track_rows, tracks_table, write_collection
 from dali_pipeline import PatchReader, PatchReadError
 from sampler import ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler, make_plan
 from sampler.tracks import parse_tracks
-from test_reader import build, collection, expected_patches, tree_hash
+from test_reader import build, collection, tree_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
