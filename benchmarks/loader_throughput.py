@@ -11,6 +11,10 @@ A B C ... within every repeat, each measurement in a fresh process:
                  identity_collate, num_workers=0)
   torch-threads  the same dataset on 2 thread workers (a DataLoader-like thread pool, 2 x
                  prefetch_factor 2 plans in flight, batches in order)
+  torch-norm     torch-threads followed by the reference's batch transforms on the consumer's
+                 device (its on_after_batch_transfer): per channel (x - sub) / (div + 1e-8) from
+                 the collated norm-meta dicts, then the Z reduction and centre crop of the
+                 configuration, in the reference's order: the same output as the DALI loader's
   dali           TripletLoader (CPU pipeline here), centre crop / Z reduction of the configuration,
                  cast and normalize, read_ahead and DALI prefetch 2
   dali-raw       the same loader with normalize=False (cast only): the in-situ cost of normalizing
@@ -94,12 +98,13 @@ CONTENDERS = {
     "ceiling": "raw read ceiling (PatchReader.prefetch)",
     "torch": "torch DataLoader, 0 workers",
     "torch-threads": "torch dataset, 2 thread workers",
+    "torch-norm": "torch dataset, 2 thread workers + reference's normalize / Z reduction / crop",
     "dali": "DALI TripletLoader, normalize",
     "dali-raw": "DALI TripletLoader, normalize=False",
     "dali-workers": "DALI TripletLoader, normalize, 2 spawned source workers",
 }
-DEFAULT_CONTENDERS = ["ceiling", "torch", "torch-threads", "dali", "dali-raw", "dali-workers"]
-GPU_CONTENDERS = ["ceiling", "torch-threads", "dali"]
+DEFAULT_CONTENDERS = ["ceiling", "torch", "torch-threads", "torch-norm", "dali", "dali-raw", "dali-workers"]
+GPU_CONTENDERS = ["ceiling", "torch-norm", "dali"]
 THREAD_WORKERS, THREAD_PREFETCH = 2, 2
 GOALS = {"cpu_ratio": 0.9, "gpu_ratio": 0.95, "gpu_work_fraction": 0.05}
 PROTOCOL_MIN = {"warmup": 3, "timed": 20, "repeats": 3}
@@ -349,7 +354,43 @@ def _to_device(batches: Iterable, device: str) -> Iterable:
         yield dict(batch, anchor=batch["anchor"].to("cuda:0"), positive=batch["positive"].to("cuda:0"))
 
 
-def contender_torch(s: Setup, workers: int = 0) -> Contender:
+def reference_transforms(batch: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The reference's on_after_batch_transfer on the CPU/GPU tensors of one batch, in its order.
+
+    Per channel key: the (B,) statistics stacked from the per-sample norm-meta dicts, then
+    NormalizeSampled's (x - sub) / (div + 1e-8); then the Z reduction (max or centre slice) and
+    the centre crop of the configuration. Output: the DALI loader's anchor and positive.
+    """
+    import torch
+
+    out = {}
+    for role in ("anchor", "positive"):
+        x, meta = batch[role], batch[f"{role}_norm_meta"]
+        channels = []
+        for c, key in enumerate(meta[0]):
+            level = next(iter(meta[0][key]))
+            sub_name, div_name = meta[0][key][level]
+            sub = torch.stack([m[key][level][sub_name] for m in meta]).to(x.device).view(-1, 1, 1, 1, 1)
+            div = torch.stack([m[key][level][div_name] for m in meta]).to(x.device).view(-1, 1, 1, 1, 1)
+            channels.append((x[:, c : c + 1].float() - sub) / (div + 1e-8))
+        x = torch.cat(channels, dim=1)
+        if config["z_reduction"] == "max":
+            x = x.amax(dim=2, keepdim=True)
+        elif config["z_reduction"] == "center":
+            x = x[:, :, x.shape[2] // 2 : x.shape[2] // 2 + 1]
+        if config["final_patch"] is not None:
+            (fy, fx), (y, w) = config["final_patch"], x.shape[-2:]
+            x = x[..., (y - fy) // 2 : (y - fy) // 2 + fy, (w - fx) // 2 : (w - fx) // 2 + fx]
+        out[role] = x
+    return out
+
+
+def _transformed(batches: Iterable, config: dict[str, Any]) -> Iterable:
+    for batch in batches:
+        yield reference_transforms(batch, config)
+
+
+def contender_torch(s: Setup, workers: int = 0, transforms: bool = False) -> Contender:
     from torch.utils.data import DataLoader
 
     from dali_pipeline.torch_dataset import MultiExperimentTripletDataset, identity_collate
@@ -359,7 +400,8 @@ def contender_torch(s: Setup, workers: int = 0) -> Contender:
         loader = DataLoader(dataset, batch_sampler=s.plans, collate_fn=identity_collate, num_workers=0)
         return Contender(_to_device(loader, s.device), dataset.reader)
     threaded = ThreadedBatches(dataset, s.plans, workers, THREAD_PREFETCH, identity_collate)
-    return Contender(_to_device(threaded, s.device), dataset.reader, threaded.close)
+    batches = _to_device(threaded, s.device)
+    return Contender(_transformed(batches, s.config) if transforms else batches, dataset.reader, threaded.close)
 
 
 def contender_dali(s: Setup, normalize: bool = True, workers: int = 0) -> Contender:
@@ -377,6 +419,7 @@ CONTENDER_FACTORIES: dict[str, Callable[[Setup], Contender]] = {
     "ceiling": contender_ceiling,
     "torch": lambda s: contender_torch(s, 0),
     "torch-threads": lambda s: contender_torch(s, THREAD_WORKERS),
+    "torch-norm": lambda s: contender_torch(s, THREAD_WORKERS, transforms=True),
     "dali": lambda s: contender_dali(s, True),
     "dali-raw": lambda s: contender_dali(s, False),
     "dali-workers": lambda s: contender_dali(s, True, workers=2),
@@ -408,6 +451,7 @@ def measure(s: Setup, name: str) -> dict[str, Any]:
     warmup_s = clock() - t0
     kv0 = kvstore_reads()
     times = []
+    cpu0 = time.process_time()
     t = clock()
     for _ in range(s.spec["timed"]):
         batch = next(batches)
@@ -415,6 +459,7 @@ def measure(s: Setup, name: str) -> dict[str, Any]:
         now = clock()
         times.append(now - t)
         t = now
+    cpu_s = time.process_time() - cpu0
     stats1, kv1 = dict(contender.reader.stats.__dict__), kvstore_reads()
     peak = _proc_status().get("VmHWM")
     children = _children_peak_mib()
@@ -427,6 +472,9 @@ def measure(s: Setup, name: str) -> dict[str, Any]:
         contender=name, batch=s.batch, timed=len(times), warmup=s.spec["warmup"], warmup_s=warmup_s,
         batch_s_mean=per_batch, batch_s_median=statistics.median(times), batch_s=times,
         pairs_per_s=s.batch / per_batch, pairs_per_s_of_median_batch=s.batch / statistics.median(times),
+        # CPU seconds of all the process's threads per timed batch: on a CPU-bound machine the less
+        # noisy cost figure (spawned workers' CPU is not in it)
+        cpu_ms_per_batch=cpu_s / len(times) * 1e3,
         useful_bytes_per_batch=s.useful_bytes, useful_mb_per_s=s.useful_bytes / per_batch / 1e6,
         # over every plan the contender's reader issued (warm-up, timed and read-ahead): a per-plan
         # figure, so a window of a few plans would differ between contenders by the plans it holds
@@ -575,6 +623,8 @@ def summarize(runs: list[dict[str, Any]], ceilings: list[dict[str, Any]] | None)
     out = {k: _summary([r[k] for r in runs]) for k in
            ("pairs_per_s", "pairs_per_s_of_median_batch", "useful_mb_per_s", "batch_s_mean", "peak_rss_mib",
             "warmup_s", "kvstore_reads_per_batch")}
+    if all("cpu_ms_per_batch" in r for r in runs):
+        out["cpu_ms_per_batch"] = _summary([r["cpu_ms_per_batch"] for r in runs])
     amp = [r["decoded_per_useful"] for r in runs if r["decoded_per_useful"] is not None]
     out["decoded_per_useful"] = _summary(amp) if amp else None
     if ceilings:
@@ -586,7 +636,7 @@ def summarize(runs: list[dict[str, Any]], ceilings: list[dict[str, Any]] | None)
 
 def table(results: dict[str, dict[str, Any]], contenders: list[str]) -> str:
     head = ["config", "contender", "batch", "pairs/s", "useful MB/s", "decoded/useful", "ratio to ceiling",
-            "peak RSS MiB"]
+            "CPU ms / batch", "peak RSS MiB"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for cfg, res in results.items():
         for name in contenders:
@@ -597,7 +647,7 @@ def table(results: dict[str, dict[str, Any]], contenders: list[str]) -> str:
                 cfg, CONTENDERS[name], str(res["batch"]), _fmt(s["pairs_per_s"], ".1f"),
                 _fmt(s["useful_mb_per_s"], ".0f"), _fmt(s["decoded_per_useful"], ".2f"),
                 "1.00" if name == "ceiling" else _fmt(s.get("ratio_to_ceiling"), ".2f"),
-                _fmt(s["peak_rss_mib"], ".0f"),
+                _fmt(s.get("cpu_ms_per_batch"), ".0f"), _fmt(s["peak_rss_mib"], ".0f"),
             ]) + " |")
     return "\n".join(lines)
 
@@ -642,11 +692,16 @@ def goal_report(results: dict[str, dict[str, Any]], gpu: bool) -> list[str]:
         r = dali["ratio_to_ceiling"]["median"]
         line = (f"- {cfg}: DALI loader (normalize on) / raw ceiling = {r:.2f} (goal on {where} >= {target}) -> "
                 f"{'met' if r >= target else 'NOT met'}")
-        torch_best = max((s[n]["pairs_per_s"]["median"], n) for n in ("torch", "torch-threads") if n in s) \
-            if any(n in s for n in ("torch", "torch-threads")) else None
-        if torch_best is not None:
-            v = dali["pairs_per_s"]["median"] / torch_best[0]
-            line += f"; vs the best torch path ({torch_best[1]}) {v:.2f}x (goal >= 1) -> {'met' if v >= 1 else 'NOT met'}"
+        if "torch-norm" in s:  # like for like: both deliver normalized, reduced, cropped float32
+            v = dali["pairs_per_s"]["median"] / s["torch-norm"]["pairs_per_s"]["median"]
+            line += (f"; vs the torch path doing the same work (torch-norm) {v:.2f}x (goal >= 1) -> "
+                     f"{'met' if v >= 1 else 'NOT met'}")
+        raw_torch = [(s[n]["pairs_per_s"]["median"], n) for n in ("torch", "torch-threads") if n in s]
+        if raw_torch:
+            best, name = max(raw_torch)
+            line += f"; vs the best torch path without its transforms ({name}) {dali['pairs_per_s']['median'] / best:.2f}x"
+            if "dali-raw" in s:
+                line += f", normalize=False {s['dali-raw']['pairs_per_s']['median'] / best:.2f}x"
         if "dali-raw" in s:
             raw = s["dali-raw"]["pairs_per_s"]["median"]
             line += f"; normalize=False runs {raw / dali['pairs_per_s']['median']:.2f}x the normalizing loader"
