@@ -151,7 +151,7 @@ PIXELS = ("anchor", "positive")
 
 def source_names(fit: bool, params: tuple[str, ...], center: bool = False) -> list[str]:
     """Names of a plan source's outputs (augmentation parameters `params`; with `center`, the
-    per-channel Z reduction mask), in `plan_outputs` order."""
+    per-sample channelwise Z reduction pick of bag-of-channels mode), in `plan_outputs` order."""
     names = []
     for role in ("anchor", "positive") if fit else ("anchor",):
         names += [role, f"{role}_sub", f"{role}_div", *(f"{role}_{key}" for key in params)]

@@ -28,7 +28,7 @@ from dali_pipeline.meta import (
 )
 from dali_pipeline.pipeline import GraphSpec, build_pipeline, output_names
 from dali_pipeline.reader import PatchReader
-from dali_pipeline.z_reduction import CenterSlices
+from dali_pipeline.z_reduction import CenterSlices, channel_modes
 from sampler import LineageIndex, TripletSampler
 
 
@@ -107,10 +107,13 @@ class TripletLoader:
         self.meta = meta
         self.prefetch = prefetch
         self.num_threads = num_threads
+        channelwise = z_reduction == "channelwise" or isinstance(z_reduction, Mapping)
+        per_channel = channelwise and index.config.channel_mode != "bag"
         self.spec = GraphSpec(
             fit=not sampler.predict, device=device, storage_dtype=index.batch_dtype, read_shape=index.read_shape,
             final_patch=None if final_patch is None else tuple(final_patch),
-            z_reduction="channelwise" if isinstance(z_reduction, Mapping) else z_reduction,
+            z_reduction="channelwise" if channelwise else z_reduction,
+            channel_modes=channel_modes(index, z_reduction) if per_channel else None,
             normalize=normalize, augment=sampler.augment, resample=index.resampled,
             pixel_source=device if cache_bytes else None,
         )
@@ -118,7 +121,7 @@ class TripletLoader:
                        if cache_bytes else PatchReader(index, **reader_options))
         self.workers = workers
         self.params = used_params(sampler.augment)
-        self.center = CenterSlices.build(index, z_reduction) if self.spec.z_reduction == "channelwise" else None
+        self.center = CenterSlices.build(index, z_reduction) if channelwise and not per_channel else None
         read, output = self._step_bytes()
         self.queue_bytes = (prefetch + 2) * read + prefetch * output  # arrays the feed keeps + DALI's outputs
         self.feed = PlanFeed(self.reader, sampler.plan, self.params, depth=read_ahead, keep=prefetch + 2,

@@ -10,6 +10,7 @@ the work), then cast and `(x - sub) / (div + 1e-8)`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Literal
 
 import numpy as np
@@ -31,8 +32,10 @@ class GraphSpec:
     storage_dtype: np.dtype
     read_shape: tuple[int, int, int]  # (Z, Y, X) of every read box
     final_patch: tuple[int, int] | None = None  # centre crop (Y, X)
-    #: "channelwise": per (sample, channel), the centre slice or the max as the source's `*_zcenter` mask says
+    #: "channelwise": per channel, the centre slice or the max: as `channel_modes` says (all channels),
+    #: else as the source's per-sample `*_zcenter` pick (bag of channels)
     z_reduction: Literal["max", "center", "channelwise"] | None = None
+    channel_modes: tuple[str, ...] | None = None  # "max" | "center" per canonical channel
     normalize: bool = True
     augment: AugmentConfig | None = None
     resample: bool = False  # read boxes differ by experiment (pixel sizes): resize each to read_shape
@@ -49,6 +52,10 @@ class GraphSpec:
             raise ValueError("patches in GPU memory need the GPU pipeline (device='gpu')")
         if self.z_reduction not in (None, "max", "center", "channelwise"):
             raise ValueError(f"z_reduction must be None, 'max', 'center' or 'channelwise', got {self.z_reduction!r}")
+        if self.channel_modes is not None and (self.z_reduction != "channelwise"
+                                               or not set(self.channel_modes) <= {"max", "center"}):
+            raise ValueError(f"channel_modes {self.channel_modes} need z_reduction='channelwise' and modes "
+                             "'max' or 'center'")
         if self.final_patch is not None:
             _, y, x = self.augmented_shape
             fy, fx = self.final_patch
@@ -83,20 +90,39 @@ def _dali_dtype(dtype: np.dtype):
         raise ValueError(f"no DALI type for storage dtype {dtype}") from None
 
 
+def _reduce_z(x, mode: str, z: int):
+    fn = require_dali().fn
+    return fn.reductions.max(x, axes=[1], keep_dims=True) if mode == "max" else x[:, z // 2 : z // 2 + 1]
+
+
+def _channelwise(x, spec: GraphSpec, zcenter, z: int):
+    """Per channel the centre slice or the max projection, each output value computed by one of them."""
+    fn = require_dali().fn
+    if spec.channel_modes is None:  # bag of channels: the sample's label picks from [max, centre]
+        both = fn.cat(_reduce_z(x, "max", z), _reduce_z(x, "center", z), axis=1)
+        return both[:, zcenter : zcenter + 1]
+    if len(set(spec.channel_modes)) == 1:
+        return _reduce_z(x, spec.channel_modes[0], z)
+    parts, start = [], 0
+    for mode, run in groupby(spec.channel_modes):  # consecutive channels of one mode reduce together
+        n = len(list(run))
+        parts.append(_reduce_z(x[start : start + n], mode, z))
+        start += n
+    return fn.cat(*parts, axis=0)
+
+
 def _reshape(x, spec: GraphSpec, zcenter=None):
-    """Centre crop and Z reduction of a (C, Z, Y, X) node (`zcenter`: the (C, 1, 1, 1) channelwise mask)."""
+    """Centre crop and Z reduction of a (C, Z, Y, X) node (`zcenter`: bag mode's per-sample channelwise pick)."""
     fn = require_dali().fn
     z, y, x_size = spec.augmented_shape
     if spec.final_patch is not None:
         fy, fx = spec.final_patch
         y0, x0 = (y - fy) // 2, (x_size - fx) // 2
         x = x[:, :, y0 : y0 + fy, x0 : x0 + fx]
-    if spec.z_reduction == "max":
-        x = fn.reductions.max(x, axes=[1], keep_dims=True)
-    elif spec.z_reduction == "center":
-        x = x[:, z // 2 : z // 2 + 1]
-    elif spec.z_reduction == "channelwise":  # mask 0 or 1: exactly one of the two terms survives
-        x = fn.reductions.max(x, axes=[1], keep_dims=True) * (1.0 - zcenter) + x[:, z // 2 : z // 2 + 1] * zcenter
+    if spec.z_reduction in ("max", "center"):
+        x = _reduce_z(x, spec.z_reduction, z)
+    elif spec.z_reduction == "channelwise":
+        x = _channelwise(x, spec, zcenter, z)
     return x
 
 
@@ -130,8 +156,10 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
     fn, types = dali.fn, dali.types
     patch = _dali_dtype(spec.storage_dtype)
     kinds = {"anchor": (patch, 4, "CDHW"), "positive": (patch, 4, "CDHW"), "ids": (types.INT64, 1, None)}
-    for key in ("anchor_sub", "anchor_div", "positive_sub", "positive_div", "anchor_zcenter", "positive_zcenter"):
+    for key in ("anchor_sub", "anchor_div", "positive_sub", "positive_div"):
         kinds[key] = (types.FLOAT, 4, "CDHW")
+    for key in ("anchor_zcenter", "positive_zcenter"):
+        kinds[key] = (types.INT32, 0, None)
     for role in ("anchor", "positive"):
         for key, (dtype, ndim) in param_kinds().items():
             kinds[f"{role}_{key}"] = (dtype, ndim, None)
@@ -169,8 +197,7 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
             zcenter = by_name.get(f"{role}_zcenter")
             is_float = spec.resample or np.dtype(spec.storage_dtype) == np.float32
             if spec.augment is None:  # reshaping first: it commutes with normalization and shrinks the work
-                reshaped_float = is_float or spec.z_reduction == "channelwise"  # the mask's product is float32
-                outputs.append(_normalize(_reshape(x, spec, zcenter), sub, div, spec, reshaped_float))
+                outputs.append(_normalize(_reshape(x, spec, zcenter), sub, div, spec, is_float))
             else:  # augmentations see the whole normalized read box, as the reference's
                 params = {key: by_name[f"{role}_{key}"] for key in used_params(spec.augment)}
                 x = augment(_normalize(x, sub, div, spec, is_float), params, spec.augment)

@@ -2,8 +2,11 @@
 (phase, brightfield, retardance, DIC, ...) keep their centre slice, fluorescence is max-projected.
 
 A max projection of a phase image mixes defocused planes; a centre slice of a sparse fluorescence
-stack misses most signal: the reduction is chosen per channel label, so in bag-of-channels mode
-per sample. `CenterSlices` turns that choice into a (B, C, 1, 1, 1) float mask the graph reads.
+stack misses most signal: the reduction is chosen per channel label. With all channels the
+labels sit at fixed positions, so the graph reduces each channel statically (`channel_modes`);
+in bag-of-channels mode the sample's label decides, and `CenterSlices` gives the graph one pick
+per sample. Either way exactly one reduction is computed into each output value (no blend of
+both, which would let a NaN in the unused one through).
 """
 
 from __future__ import annotations
@@ -46,29 +49,31 @@ def modes_by_label(labels: list[str], z_reduction: str | Mapping[str, str]) -> d
     return dict(z_reduction)
 
 
+def channel_modes(index: LineageIndex, z_reduction: str | Mapping[str, str]) -> tuple[str, ...]:
+    """"max" or "center" for each canonical channel, in order (all-channels mode)."""
+    modes = modes_by_label(list(index.labels), z_reduction)
+    return tuple(modes[label] for label in index.labels)
+
+
 @dataclass(frozen=True)
 class CenterSlices:
-    """1.0 where a (sample, channel) takes the centre slice, 0.0 where it takes the max projection.
+    """Bag-of-channels mode: 1 where a sample's channel takes the centre slice, 0 for the max projection.
 
-    All-channels mode: one value per canonical channel. Bag-of-channels mode: one value per index
-    row (its channel label). Picklable, O(batch) per call.
+    One int32 per index row (its channel label), looked up O(batch) per call; picklable.
     """
 
-    per_channel: np.ndarray | None = None  # (C,) float32
-    per_row: np.ndarray | None = None  # (rows,) float32
+    per_row: np.ndarray  # (rows,) int32
 
     @classmethod
     def build(cls, index: LineageIndex, z_reduction: str | Mapping[str, str]) -> CenterSlices:
+        if index.config.channel_mode != "bag":
+            raise ValueError("CenterSlices picks per sample in bag-of-channels mode; with all channels use "
+                             "channel_modes (one static reduction per channel)")
         modes = modes_by_label(list(index.labels), z_reduction)
-        if index.config.channel_mode == "all":
-            return cls(per_channel=np.array([modes[label] == "center" for label in index.labels], np.float32))
         marker = index.tracks["marker"].cat
-        by_code = np.array([modes[label] == "center" for label in marker.categories], dtype=np.float32)
+        by_code = np.array([modes[label] == "center" for label in marker.categories], dtype=np.int32)
         return cls(per_row=by_code[marker.codes.to_numpy()])
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
-        if self.per_channel is not None:
-            mask = np.broadcast_to(self.per_channel, (len(rows), len(self.per_channel)))
-        else:
-            mask = self.per_row[rows][:, None]
-        return np.ascontiguousarray(mask, dtype=np.float32).reshape(len(rows), -1, 1, 1, 1)
+        """(B,) int32: the pick of each sample (the graph slices [max, centre] at it)."""
+        return np.ascontiguousarray(self.per_row[rows])

@@ -8,7 +8,7 @@ import pytest
 
 from dali_pipeline.datasets.synthetic import demo_spec, write_synthetic
 from dali_pipeline.torch_dataset import MultiExperimentTripletDataset
-from dali_pipeline.z_reduction import CenterSlices, is_label_free, modes_by_label
+from dali_pipeline.z_reduction import CenterSlices, channel_modes, is_label_free, modes_by_label
 from sampler import ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler
 
 
@@ -87,8 +87,48 @@ def test_an_explicit_mapping_and_normalization(yaml_path):
 
 def test_center_slices_are_o_batch_lookups(yaml_path):
     index = build(yaml_path, "bag")
-    mask = CenterSlices.build(index, "channelwise")
+    picks = CenterSlices.build(index, "channelwise")
     rows = np.arange(0, len(index.tracks), 7)
-    got = mask(rows)
-    assert got.shape == (len(rows), 1, 1, 1, 1) and got.dtype == np.float32
-    np.testing.assert_array_equal(got.ravel(), (index.values("marker", rows) == "phase").astype(np.float32))
+    got = picks(rows)
+    assert got.shape == (len(rows),) and got.dtype == np.int32
+    np.testing.assert_array_equal(got, (index.values("marker", rows) == "phase").astype(np.int32))
+    assert channel_modes(build(yaml_path, "all"), "channelwise") == ("center", "max")
+    with pytest.raises(ValueError, match="bag-of-channels"):
+        CenterSlices.build(build(yaml_path, "all"), "channelwise")
+
+
+@pytest.mark.parametrize("modes", [None, ("center", "max", "center"), ("max", "max", "center")],
+                         ids=["bag-picks", "center-max-center", "max-max-center"])
+def test_nan_in_the_unused_reduction_never_leaks(modes):
+    """Each output value comes from exactly one reduction: a NaN that only the max projection sees
+    stays out of centre-slice outputs, and a NaN in the centre slice stays out of max outputs
+    beyond what the max graph itself gives (a blend `max * (1 - m) + centre * m` leaked both)."""
+    pytest.importorskip("nvidia.dali")
+    from dali_pipeline.feed import source_names
+    from dali_pipeline.pipeline import GraphSpec, build_pipeline
+
+    rng = np.random.default_rng(0)
+    b, c, z = 4, 1 if modes is None else len(modes), 5
+    x = rng.random((b, c, z, 6, 7), dtype=np.float32)
+    x[:, :, 0, 2, 3] = np.nan  # off centre: only a max projection sees it
+    x[:, :, z // 2, 4, 5] = np.nan  # in the centre slice
+    picks = np.array([1, 0, 1, 0], np.int32)
+    center = (np.repeat(picks[:, None], c, 1) if modes is None
+              else np.tile([m == "center" for m in modes], (b, 1)))[:, :, None, None, None].astype(bool)
+    ones = np.ones((b, c, 1, 1, 1), np.float32)
+    arrays = {"anchor": x, "anchor_sub": 0 * ones, "anchor_div": ones, "anchor_zcenter": picks,
+              "ids": np.arange(b, dtype=np.int64)[:, None]}
+
+    def run(z_reduction, channelwise_modes, picked):
+        names = source_names(fit=False, params=(), center=picked)
+        spec = GraphSpec(fit=False, device="cpu", storage_dtype=np.float32, read_shape=(z, 6, 7),
+                         z_reduction=z_reduction, channel_modes=channelwise_modes)
+        pipe = build_pipeline(lambda info: tuple(arrays[n] for n in names), names, spec, batch_size=b,
+                              device_id=None)
+        pipe.build()
+        return np.stack([np.asarray(t) for t in pipe.run()[0]])
+
+    got = run("channelwise", modes, modes is None)
+    want = np.where(center, x[:, :, z // 2 : z // 2 + 1], run("max", None, False))
+    assert center.any() and (~center).any()
+    np.testing.assert_array_equal(got, want)  # NaN where (and only where) the chosen reduction has one
