@@ -154,11 +154,11 @@ def _collection(args: argparse.Namespace) -> Path:
     return Path(args.collection) if args.collection else demo_collection()
 
 
-def build_index(args: argparse.Namespace) -> tuple[Path, LineageIndex]:
+def build_index(args: argparse.Namespace) -> tuple[Path, ExperimentRegistry, LineageIndex]:
     collection = _collection(args)
     registry = load_registry(collection, z_window=args.z_window)
-    return collection, LineageIndex.build(registry, _index_config(args), threads=args.threads,
-                                          progress=sys.stderr.isatty())
+    return collection, registry, LineageIndex.build(registry, _index_config(args), threads=args.threads,
+                                                    progress=sys.stderr.isatty())
 
 
 def _no_anchors_message(index: LineageIndex) -> str:
@@ -305,9 +305,11 @@ def plot_lineage(index: LineageIndex, spec: str, out: Path) -> None:
 def cmd_index(args: argparse.Namespace) -> None:
     outputs = ([args.save] if args.save else []) + ([args.out] if args.plot_lineage else [])
     check_outputs(outputs, args.overwrite)
-    collection, index = build_index(args)
-    with pd.option_context("display.width", 200, "display.max_columns", 30):
+    collection, registry, index = build_index(args)
+    with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 120):
         print(f"collection: {collection}")
+        print("read from (paths resolved against the YAML's folder; nothing expanded):")
+        print(registry.describe().to_string(index=False))
         print(index.summary().to_string(index=False))
         print(f"observations {len(index)}, valid anchors ({index.config.positive_policy}) {len(index.valid)}, "
               f"channels {index.labels if index.config.channel_mode == 'all' else 'bag of ' + str(index.labels)}, "
@@ -330,7 +332,7 @@ def cmd_preview(args: argparse.Namespace) -> None:
     check_outputs([args.out], args.overwrite)
     if args.n < 1:
         raise UsageError(f"--n must be >= 1, got {args.n}")
-    collection, index = build_index(args)
+    collection, _, index = build_index(args)
     if len(index.valid) == 0:
         raise UsageError(f"{collection}: {_no_anchors_message(index)}")
     n = min(args.n, len(index.valid))
@@ -444,7 +446,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if min(args.steps, args.batch_size, args.rounds) < 1:
         raise UsageError(f"--steps, --batch-size and --rounds must be >= 1, got {args.steps}, {args.batch_size} "
                          f"and {args.rounds}")
-    collection, index = build_index(args)
+    collection, _, index = build_index(args)
     if len(index.valid) == 0:
         raise UsageError(f"{collection}: {_no_anchors_message(index)}")
     device = _device(args.device)

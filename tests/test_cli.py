@@ -39,6 +39,8 @@ def test_index_prints_summary_and_saves(tmp_path, capsys):
     rc, text, _ = run(["index", collection(tmp_path), "--patch", 32, 32, "--save", out], capsys)
     assert rc == 0
     assert "divisions" in text and "exp" in text and "saved" in text and "valid_ancestry" in text
+    # where each experiment is read from: the resolved paths (not the YAML's text)
+    assert str(tmp_path / "exp.zarr") in text and str(tmp_path / "exp_tracks") in text
     index = LineageIndex.load(out)
     assert index.summary().iloc[0].divisions == 1 and len(index) == 12
     again = collection(tmp_path / "again")
