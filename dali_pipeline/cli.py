@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from sampler.atomic import atomic_path
+from sampler.atomic import atomic_output
 from sampler import ExperimentRegistry, IndexConfig, LineageIndex
 
 PROG = "dynaclr-dali"
@@ -138,7 +138,7 @@ def check_outputs(paths: list[Path | str], overwrite: bool) -> None:
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
+    with atomic_output(path, overwrite=True) as tmp, open(tmp, "w") as f:
         f.write(text)
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -36,6 +35,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from sampler.atomic import atomic_output
 
 Format = Literal["parquet", "anndata"]
 KEY_COLUMNS = ("experiment", "fov_name", "track_id", "t", "marker")
@@ -296,25 +297,16 @@ class EmbeddingTable:
             yield table if mask.all() else table.filter(pa.array(mask))
 
     def _write_parquet(self, files, order, keep, schema) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        try:
-            with pq.ParquetWriter(tmp, schema) as writer:
-                pending, rows = [], 0
-                for table in self._tables(files, order, keep, schema):
-                    pending.append(table)
-                    rows += table.num_rows
-                    if rows >= 65536:
-                        writer.write_table(pa.concat_tables(pending))
-                        pending, rows = [], 0
-                if pending:
+        with atomic_output(self.path, self.overwrite) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+            pending, rows = [], 0
+            for table in self._tables(files, order, keep, schema):
+                pending.append(table)
+                rows += table.num_rows
+                if rows >= 65536:
                     writer.write_table(pa.concat_tables(pending))
-            if self.path.is_dir() and not self.path.is_symlink():
-                shutil.rmtree(self.path)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+                    pending, rows = [], 0
+            if pending:
+                writer.write_table(pa.concat_tables(pending))
 
     def _write_anndata(self, files, order, keep, schema) -> None:
         try:
@@ -331,23 +323,11 @@ class EmbeddingTable:
         for k, a in arrays.items():
             if k != self.embedding_key:
                 adata.obsm[f"X_{k}"] = a
-        suffix = self.path.suffix.lower()
-        tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent))
-        target = tmp / self.path.name
-        try:
-            if suffix == ".h5ad":
-                adata.write_h5ad(target)
+        with atomic_output(self.path, self.overwrite) as tmp:
+            if self.path.suffix.lower() == ".h5ad":
+                adata.write_h5ad(tmp)
             else:
-                adata.write_zarr(target)
-            if os.path.lexists(self.path):
-                old = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", suffix=".old", dir=self.path.parent))
-                os.replace(self.path, old / self.path.name)
-                os.replace(target, self.path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(target, self.path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+                adata.write_zarr(tmp)
 
 
 def _split_table(table: pa.Table) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:

@@ -113,7 +113,6 @@ def _channelwise(x, spec: GraphSpec, zcenter, z: int):
 
 def _reshape(x, spec: GraphSpec, zcenter=None):
     """Centre crop and Z reduction of a (C, Z, Y, X) node (`zcenter`: bag mode's per-sample channelwise pick)."""
-    fn = require_dali().fn
     z, y, x_size = spec.augmented_shape
     if spec.final_patch is not None:
         fy, fx = spec.final_patch

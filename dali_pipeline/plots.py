@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sampler.atomic import atomic_path
+from sampler.atomic import atomic_output
 
 DPI = 100
 PANEL_IN = 1.15  #: one patch panel of the pairs montage, inches
@@ -29,7 +29,7 @@ BENCH_SIZE_IN = (7.2, 3.2)
 def save_png(fig: Figure, path: str | os.PathLike[str]) -> str:
     """Write `fig` as a PNG at `path` atomically (temporary file beside it, then renamed)."""
     path = os.fspath(path)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_output(path, overwrite=True) as tmp, open(tmp, "wb") as f:
         FigureCanvasAgg(fig)
         fig.savefig(f, format="png", dpi=DPI)
     return path

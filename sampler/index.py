@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from sampler.atomic import atomic_path
+from sampler.atomic import atomic_output
 from sampler.lineage import LineageCycleError, build_forest
 from sampler.norm import fov_norm_table
 from sampler.plate import read_fovs
@@ -409,7 +409,7 @@ class LineageIndex:
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
         """Write the index to one uncompressed .npz (columnar); atomic, refuses to overwrite unless asked."""
         path = os.fspath(path)
-        if os.path.exists(path) and not overwrite:
+        if os.path.lexists(path) and not overwrite:  # before the work; atomic_output checks again at the move
             raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
         arrays: dict[str, np.ndarray] = {"norm": self.norm, "exp_channels": self.exp_channels, "valid": self.valid}
         for k, v in self.forest.items():
@@ -428,7 +428,7 @@ class LineageIndex:
                     frames={n: list(f.columns) for n, f in
                             (("tracks", self.tracks), ("fovs", self.fovs), ("experiments", self.experiments))})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        with atomic_output(path, overwrite) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
     @classmethod

@@ -263,7 +263,7 @@ def test_a_writer_killed_halfway_leaves_nothing_at_the_destination(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # wait until chunks are being written
-            temps = list(dest.parent.glob(".demo.tmp-*")) if dest.parent.exists() else []
+            temps = list(dest.parent.glob(".demo.*.tmp")) if dest.parent.exists() else []
             if temps and any(p.is_file() for p in temps[0].rglob("*")) and len(list(temps[0].rglob("*"))) > 50:
                 break
             assert proc.poll() is None, "the writer finished before it could be killed: make the spec larger"
@@ -278,7 +278,7 @@ def test_a_writer_killed_halfway_leaves_nothing_at_the_destination(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not dest.exists()
     # what remains is the hidden temporary folder beside the destination (documented in the README)
-    assert all(p.name.startswith(".demo.tmp-") for p in dest.parent.iterdir())
+    assert all(p.name.startswith(".demo.") and p.name.endswith(".tmp") for p in dest.parent.iterdir())
 
 
 # ---------------------------------------------------------------------------- slow storage

@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from sampler.atomic import atomic_directory
 from sampler.progress import tqdm
 
-from dali_pipeline.datasets.omezarr import STAT_NAMES, PlateWriter, atomic_directory, summary_stats
+from dali_pipeline.datasets.omezarr import STAT_NAMES, PlateWriter, summary_stats
 
 
 def _parse_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections import deque
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
+
+from sampler.atomic import atomic_directory
 
 AXES = [
     {"name": "t", "type": "time"},
@@ -47,49 +46,6 @@ class EmptyArray:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-
-# ---------------------------------------------------------------------- atomic folders
-@contextmanager
-def atomic_directory(dest: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `dest`; on clean exit it replaces `dest`, on error it is removed.
-
-    Refuses (FileExistsError) when `dest` exists, unless `overwrite`; an existing `dest` is moved
-    aside and deleted only after the new folder is in place.
-    """
-    dest = Path(os.path.abspath(os.fspath(dest)))
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass overwrite=True to replace it")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the result should not be
-        yield tmp
-        _move_into_place(tmp, dest, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _move_into_place(tmp: Path, dest: Path, overwrite: bool) -> None:
-    if not os.path.lexists(dest):
-        os.rename(tmp, dest)
-        return
-    if not overwrite:
-        raise FileExistsError(f"{dest} appeared while writing; pass overwrite=True to replace it")
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(dest, old)
-    os.rename(tmp, dest)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
 
 
 # ---------------------------------------------------------------------- metadata

@@ -31,9 +31,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
+from sampler.atomic import atomic_directory
 from sampler.progress import tqdm
 
-from dali_pipeline.datasets.omezarr import FovWriter, PlateWriter, atomic_directory, summary_stats
+from dali_pipeline.datasets.omezarr import FovWriter, PlateWriter, summary_stats
 
 # ---------------------------------------------------------------------- cell codes
 MAX_T = 64  #: frames per FOV that codes can hold (t < MAX_T)
