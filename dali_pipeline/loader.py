@@ -126,7 +126,7 @@ class TripletLoader:
         self.queue_bytes = (prefetch + 2) * read + prefetch * output  # arrays the feed keeps + DALI's outputs
         self.feed = PlanFeed(self.reader, sampler.plan, self.params, depth=read_ahead, keep=prefetch + 2,
                              center=self.center,
-                             budget_bytes=None if budget_bytes is None else self._read_ahead_budget(budget_bytes))
+                             budget_bytes=None if budget_bytes is None else self._read_ahead_budget(budget_bytes, read, output))
         self._epoch = sampler.epoch
         self._step = sampler.step
         self._iterator = None
@@ -143,9 +143,8 @@ class TripletLoader:
         box = int(np.prod(self.index.exp_box.astype(np.int64), axis=1).max())
         return samples * box * self.reader.dtype.itemsize, samples * int(np.prod(self.spec.output_shape)) * 4
 
-    def _read_ahead_budget(self, budget_bytes: int) -> int:
-        """What `budget_bytes` leaves to the read-ahead once DALI's queue is counted."""
-        read, output = self._step_bytes()
+    def _read_ahead_budget(self, budget_bytes: int, read: int, output: int) -> int:
+        """What `budget_bytes` leaves to the read-ahead once DALI's queue is counted (`_step_bytes`: read, output)."""
         minimum = self.queue_bytes + read
         if budget_bytes < minimum:
             raise ValueError(
