@@ -187,6 +187,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     check_outputs(list(outputs.values()), args.overwrite)
     if args.steps < 1 or args.batch_size < 2:
         raise UsageError(f"--steps must be >= 1 and --batch-size >= 2, got {args.steps} and {args.batch_size}")
+    if args.locality_frames is not None and args.locality_frames < 1:
+        raise UsageError(f"--locality-frames must be >= 1, got {args.locality_frames}")
     import torch
 
     from dali_pipeline.demo import SmallEncoder, to_images, train
@@ -202,9 +204,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     index = LineageIndex.build(registry, IndexConfig(patch_yx=(args.patch, args.patch)), progress=False)
     t_index = time.perf_counter() - t0
-    sampler = TripletSampler(index, args.batch_size, seed=args.seed)
+    sampler = TripletSampler(index, args.batch_size, seed=args.seed, locality_frames=args.locality_frames)
     loader = TripletLoader(index, sampler, device=device, device_id=0 if device == "gpu" else None,
-                           z_reduction="max", cache_bytes=args.cache_mb << 20)
+                           z_reduction=args.z_reduction, cache_bytes=args.cache_mb << 20)
     torch.manual_seed(args.seed)
     model = SmallEncoder(index.n_channels, width=args.width)
     torch_device = torch.device("cuda", 0) if device == "gpu" else torch.device("cpu")
@@ -228,7 +230,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     positive = to_images(batch["positive"]).cpu().numpy()[chosen]
     save_png(pairs_figure(anchor, positive, [labels[i] for i in chosen], index.labels,
                           f"demo: anchor/positive pairs of the last step (batch of {args.batch_size}, "
-                          f"Z max projection, normalized)"), outputs["pairs.png"])
+                          f"Z reduction {loader.spec.z_reduction}, normalized)"), outputs["pairs.png"])
     save_png(loss_figure(result.losses, f"demo: NT-Xent loss, {args.steps} steps of {args.batch_size} pairs "
                                         f"({start:.2f} -> {end:.2f})"), outputs["loss.png"])
 
@@ -239,6 +241,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                                                             index.exp_tau_max))
     report = dict(
         collection=str(collection), device=device, steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+        z_reduction=loader.spec.z_reduction, locality_frames=sampler.options["locality_frames"],
         experiments=len(index.experiments), fovs=len(index.fovs), observations=len(index),
         valid_anchors=len(index.valid), divisions=int(summary.divisions.sum()), bytes_on_disk=on_disk,
         data_seconds=t_data, index_seconds=t_index, train_seconds=result.seconds,
@@ -512,6 +515,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (0.2)")
     p.add_argument("--cache-mb", type=int, default=0,
                    help="chunk cache in MiB: decode each chunk once, crop patches from it (0: off)")
+    p.add_argument("--z-reduction", choices=["max", "center", "channelwise"], default="max",
+                   help="Z to one slice: max projection, centre slice, or per channel label (phase-like channels "
+                        "the centre slice, the others the max) (max)")
+    p.add_argument("--locality-frames", type=int, default=None, metavar="K",
+                   help="order each epoch in shuffled blocks of (FOV, t // K), so that steps share chunks "
+                        "(default: a uniform permutation)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.set_defaults(func=cmd_demo)
 

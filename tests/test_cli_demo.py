@@ -82,6 +82,19 @@ def test_demo_with_a_chunk_cache_trains_on_the_same_batches(demo_env, tmp_path, 
     np.testing.assert_allclose(losses["64"], losses["0"], rtol=1e-5)
 
 
+def test_demo_options_reach_the_sampler_and_the_graph(demo_env, tmp_path, capsys):
+    out = tmp_path / "options"
+    argv = ["demo", "--steps", "3", "--batch-size", "16", "--out", str(out), "--z-reduction", "channelwise",
+            "--locality-frames", "2"]
+    assert main(argv) == 0
+    report = json.loads((out / "summary.json").read_text())
+    assert report["z_reduction"] == "channelwise" and report["locality_frames"] == 2
+    assert len(report["losses"]) == 3 and np.isfinite(report["losses"]).all()
+    capsys.readouterr()
+    rc = main(["demo", "--out", str(tmp_path / "bad"), "--locality-frames", "0"])
+    assert rc == 2 and "--locality-frames must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_nt_xent_matches_a_direct_formula():
     torch = pytest.importorskip("torch")
     g = torch.Generator().manual_seed(0)
