@@ -80,6 +80,12 @@ def main() -> None:
     if args._child:
         print(json.dumps(measure(args)))
         return
+    if args.device == "gpu":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from loader_throughput import gpu_problem
+
+        if problem := gpu_problem():
+            parser.exit(2, f"error: {problem}\n")
     print("uptime before:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     runs = []
     for _ in range(args.repeats):

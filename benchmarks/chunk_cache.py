@@ -45,6 +45,7 @@ from loader_throughput import (
     _summary,
     _uptime,
     generate_store,
+    gpu_problem,
     store_folder,
     warm_page_cache,
 )
@@ -224,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         _emit(generate_store(Path(json.loads(spec)["folder"]), json.loads(spec)["params"]) if mode == "generate"
               else measure(json.loads(spec)))
         return 0
+    if args.gpu and (problem := gpu_problem()):
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     size = "small" if args.small else "reduced" if args.reduced else "full"
     repeats = 1 if (args.small or args.reduced) else args.repeats
     out = args.out

@@ -258,6 +258,21 @@ def warm_page_cache(folder: Path) -> dict[str, float]:
     return dict(bytes=total, seconds=time.perf_counter() - t0)
 
 
+def gpu_problem() -> str | None:
+    """Why a --gpu run cannot start here, or None: DALI must see a CUDA device and torch must have CUDA."""
+    _ensure_repo_on_path()
+    from dali_pipeline._dali import gpu_count
+
+    if gpu_count() == 0:
+        return "a GPU run needs a CUDA GPU visible to DALI (nvidia.dali.backend.GetCUDADeviceCount() == 0 here)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return ("DALI sees a GPU but torch.cuda.is_available() is False: the loader hands CUDA tensors to torch, "
+                "install a CUDA build of torch")
+    return None
+
+
 # ============================================================================ measurement
 @dataclass
 class Setup:
@@ -884,19 +899,15 @@ def run_reduced_protocol(args, out: Path) -> int:
     print(f"uptime before: {load_before}", flush=True)
     _ensure_repo_on_path()
     if args.gpu:
-        from dali_pipeline._dali import gpu_count
-
-        n = gpu_count()
-        if n == 0:
-            print("error: --gpu needs a CUDA GPU visible to DALI (nvidia.dali.backend.GetCUDADeviceCount() == 0 "
-                  "here); run --reduced without --gpu to exercise the protocol on the CPU", file=sys.stderr)
+        problem = gpu_problem()
+        if problem:
+            print(f"error: {problem}; run --reduced without --gpu to exercise the protocol on the CPU", file=sys.stderr)
             return 2
         import torch
 
-        if not torch.cuda.is_available():
-            print("error: DALI sees a GPU but torch.cuda.is_available() is False: the loader hands CUDA tensors to "
-                  "torch, install a CUDA build of torch", file=sys.stderr)
-            return 2
+        from dali_pipeline._dali import gpu_count
+
+        n = gpu_count()
         machine["gpu"] = dict(count=n, name=torch.cuda.get_device_name(0))
         print(f"GPU: {machine['gpu']['name']} ({n} visible)", flush=True)
     params = store_params("production", "reduced", args.seed)
