@@ -27,7 +27,7 @@ from dali_pipeline.meta import (
     row_meta,
 )
 from dali_pipeline.pipeline import GraphSpec, build_pipeline, output_names
-from dali_pipeline.reader import PatchReader
+from dali_pipeline.reader import CentreCrops, PatchReader, read_crop
 from dali_pipeline.z_reduction import CenterSlices, channel_modes
 from sampler import LineageIndex, TripletSampler
 
@@ -109,22 +109,26 @@ class TripletLoader:
         self.num_threads = num_threads
         channelwise = z_reduction == "channelwise" or isinstance(z_reduction, Mapping)
         per_channel = channelwise and index.config.channel_mode != "bag"
+        crop = read_crop(index, sampler.augment, final_patch)
         self.spec = GraphSpec(
-            fit=not sampler.predict, device=device, storage_dtype=index.batch_dtype, read_shape=index.read_shape,
-            final_patch=None if final_patch is None else tuple(final_patch),
+            fit=not sampler.predict, device=device, storage_dtype=index.batch_dtype,
+            read_shape=index.read_shape if crop is None else (index.read_shape[0], *crop),
+            final_patch=None if final_patch is None or crop is not None else tuple(final_patch),
             z_reduction="channelwise" if channelwise else z_reduction,
             channel_modes=channel_modes(index, z_reduction) if per_channel else None,
             normalize=normalize, augment=sampler.augment, resample=index.resampled,
             pixel_source=device if cache_bytes else None,
         )
+        reader_options = dict(reader_options, crop_yx=crop)
         self.reader = (CachedPatchReader(index, cache_bytes=cache_bytes, device=device, **reader_options)
                        if cache_bytes else PatchReader(index, **reader_options))
+        self.plan_for = sampler.plan if crop is None else CentreCrops(sampler.plan, index.read_shape[1:], crop)
         self.workers = workers
         self.params = used_params(sampler.augment)
         self.center = CenterSlices.build(index, z_reduction) if channelwise and not per_channel else None
         read, output = self._step_bytes()
         self.queue_bytes = (prefetch + 2) * read + prefetch * output  # arrays the feed keeps + DALI's outputs
-        self.feed = PlanFeed(self.reader, sampler.plan, self.params, depth=read_ahead, keep=prefetch + 2,
+        self.feed = PlanFeed(self.reader, self.plan_for, self.params, depth=read_ahead, keep=prefetch + 2,
                              center=self.center,
                              budget_bytes=None if budget_bytes is None else self._read_ahead_budget(budget_bytes, read, output))
         self._epoch = sampler.epoch
@@ -140,7 +144,7 @@ class TripletLoader:
     def _step_bytes(self) -> tuple[int, int]:
         """Upper bounds of one step's patches: (reads in the storage dtype, float32 outputs)."""
         samples = (2 if self.spec.fit else 1) * self.sampler.batch_size * self.index.n_channels
-        box = int(np.prod(self.index.exp_box.astype(np.int64), axis=1).max())
+        box = self.reader.largest_box
         return samples * box * self.reader.dtype.itemsize, samples * int(np.prod(self.spec.output_shape)) * 4
 
     def _read_ahead_budget(self, budget_bytes: int, read: int, output: int) -> int:
@@ -215,7 +219,7 @@ class TripletLoader:
             batch_size=self.sampler.batch_size, device_id=self.device_id, num_threads=self.num_threads,
             prefetch=self.prefetch, workers=self.workers,
             # only spawned workers need it (shared-memory size); it costs a plan, so skip it otherwise
-            batch_bytes=self.reader.plan_bytes(self.sampler.plan(0, self._epoch)) if self.workers else 0,
+            batch_bytes=self.reader.plan_bytes(self.plan_for(0, self._epoch)) if self.workers else 0,
             seed=(self.sampler.seed * 1_000_003 + self.sampler.rank) % (1 << 31),  # noise fields per (seed, rank)
             checkpointing=self._checkpointing, checkpoint=checkpoint,
             no_copy=source is self.feed,  # the feed keeps its last outputs alive for DALI's queue
@@ -258,7 +262,7 @@ class TripletLoader:
         epoch, step = restore["origin"]
         checkpoint = base64.b64decode(restore["checkpoint"])
         if self.workers:
-            source = StatelessPlanSource(self.reader, self.sampler.plan, self.params, epoch, step, len(self),
+            source = StatelessPlanSource(self.reader, self.plan_for, self.params, epoch, step, len(self),
                                          self.center)
             self._next_position = (self._epoch + 1, 0)
         else:
@@ -276,7 +280,7 @@ class TripletLoader:
             self._iterator.reset()
         else:
             self._iterator = None  # releases the old pipeline and its workers
-            source = StatelessPlanSource(self.reader, self.sampler.plan, self.params, self._epoch, self._step,
+            source = StatelessPlanSource(self.reader, self.plan_for, self.params, self._epoch, self._step,
                                          len(self), self.center)
             self._origin = (self._epoch, self._step)
             self._iterator = self._dali_iterator(source)

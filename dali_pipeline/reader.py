@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -130,7 +130,7 @@ class PatchReader:
     `max_patch_bytes` bounds one patch (C x Z x Y x X x itemsize of an experiment's box) and
     `max_chunk_bytes` one stored chunk (tensorstore decodes whole chunks): both are checked from
     the index's metadata when the reader is made, before any pixel buffer is allocated (None: no
-    bound).
+    bound). `crop_yx` reads only the centre (Y, X) of every box, for plans shifted by `CentreCrops`.
     """
 
     def __init__(
@@ -144,6 +144,7 @@ class PatchReader:
         max_skip_fraction: float = 0.1,
         max_patch_bytes: int | None = MAX_PATCH_BYTES,
         max_chunk_bytes: int | None = MAX_CHUNK_BYTES,
+        crop_yx: tuple[int, int] | None = None,
     ) -> None:
         if on_read_error not in ("raise", "skip"):
             raise ValueError(f"on_read_error must be 'raise' or 'skip', got {on_read_error!r}")
@@ -162,7 +163,10 @@ class PatchReader:
         self._fovs = index.fovs
         self._chunks = index.fovs[[f"chunk_{a}" for a in "tczyx"]].to_numpy().astype(np.int64)
         self._itemsize = np.array([np.dtype(index.experiments.storage_dtype[e]).itemsize for e in index.fovs.exp])
-        self._fov_box = index.exp_box[index.fovs.exp.to_numpy()]
+        self._fov_box = index.exp_box[index.fovs.exp.to_numpy()].copy()
+        self.crop_yx = None if crop_yx is None else _check_crop(index, crop_yx)
+        if self.crop_yx is not None:
+            self._fov_box[:, 1:] = self.crop_yx
         self._check_bounds()
         self._reset()
 
@@ -244,8 +248,13 @@ class PatchReader:
             self._stores[fov] = store
         return store
 
+    @property
+    def largest_box(self) -> int:
+        """Voxels (Z x Y x X) of the largest box this reader reads."""
+        return int(np.prod(self._fov_box.astype(np.int64), axis=1).max())
+
     def box_shapes(self, boxes: ReadBoxes) -> np.ndarray:
-        """(B, 3) read box (Z, Y, X) of each sample: its experiment's (`index.exp_box`)."""
+        """(B, 3) read box (Z, Y, X) of each sample: its experiment's (`index.exp_box`), or the crop."""
         return self._fov_box[boxes.fov]
 
     def _views(self, boxes: ReadBoxes) -> list[ts.TensorStore]:
@@ -439,6 +448,52 @@ def chunk_overlaps(boxes: ReadBoxes, box_shapes: np.ndarray, chunks_by_fov: np.n
         index[:, axis] = first[owner, axis] + rest % k
         rest //= k
     return ChunkOverlaps(fov, start, size, grid, owner, index)
+
+
+def _check_crop(index: LineageIndex, crop_yx: tuple[int, int]) -> tuple[int, int]:
+    fy, fx = (int(v) for v in crop_yx)
+    _, y, x = index.read_shape
+    if index.resampled:
+        raise ValueError("crop_yx reads the centre of boxes of one size, but pixel sizes differ between "
+                         "experiments here (each box is resampled): crop after resampling instead")
+    if not (0 < fy <= y and 0 < fx <= x):
+        raise ValueError(f"crop_yx {(fy, fx)} must fit inside the read patch {(y, x)}")
+    return fy, fx
+
+
+def read_crop(index: LineageIndex, augment: object | None, final_patch: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The centre crop to read instead of whole boxes: `final_patch` when nothing needs a box's margin
+    (no augmentations, one box size for every experiment) and it fits; else None (read whole boxes)."""
+    if final_patch is None or augment is not None or index.resampled:
+        return None
+    fy, fx = (int(v) for v in final_patch)
+    _, y, x = index.read_shape
+    return (fy, fx) if 0 < fy <= y and 0 < fx <= x else None
+
+
+@dataclass(frozen=True)
+class CentreCrops:
+    """Plans whose read boxes are shrunk to their centre (Y, X): pair it with `PatchReader(crop_yx=)`.
+
+    When nothing needs the margin of a read box (no augmentation; a centre crop the model sees),
+    reading only the crop decodes fewer chunks and skips the crop copy. The shifted boxes start
+    where the graph's centre crop would start: (read - crop) // 2. Picklable (spawned workers).
+    """
+
+    plan_for: Callable[[int, int], BatchPlan]
+    read_yx: tuple[int, int]
+    crop_yx: tuple[int, int]
+
+    def __call__(self, step: int, epoch: int) -> BatchPlan:
+        return centre_crop(self.plan_for(step, epoch), self.read_yx, self.crop_yx)
+
+
+def centre_crop(plan: BatchPlan, read_yx: tuple[int, int], crop_yx: tuple[int, int]) -> BatchPlan:
+    """The plan with every read box moved to the start of its centre (Y, X) crop."""
+    dy, dx = ((r - c) // 2 for r, c in zip(read_yx, crop_yx))
+    shift = {name: dataclasses.replace(boxes, y=boxes.y + dy, x=boxes.x + dx)
+             for name in ("anchor_boxes", "positive_boxes") if (boxes := getattr(plan, name)) is not None}
+    return dataclasses.replace(plan, **shift)
 
 
 def take_plan(plan: BatchPlan, rows: np.ndarray) -> BatchPlan:

@@ -221,3 +221,26 @@ def test_parallel_spawned_source_gives_the_same_batches(index):
     resumed = loader(index, seed=2, workers=2)
     resumed.load_state_dict(state)
     assert [_anchor_keys(b) for b in resumed] == want[4][1:]
+
+
+def test_without_augmentations_only_the_centre_crop_is_read(index):
+    from sampler.augment import AugmentConfig, Flip
+
+    plain = loader(index, final_patch=(24, 20), z_reduction="max")
+    assert plain.reader.crop_yx == (24, 20) and plain.spec.final_patch is None
+    assert plain.spec.read_shape == (index.read_shape[0], 24, 20)
+    cached = loader(index, final_patch=(24, 20), z_reduction="max", cache_bytes=1 << 26)
+    dataset = MultiExperimentTripletDataset(index)
+    for step, (a, c) in enumerate(zip(plain, cached)):
+        plan = plain.sampler.plan(step, 0)
+        ref = dataset.__getitems__(plan)
+        for role, norm in (("anchor", plan.anchor_norm), ("positive", plan.positive_norm)):
+            want = numpy_reference(ref[role].numpy(), norm, final_patch=(24, 20), z_reduction="max")
+            np.testing.assert_allclose(a[role].numpy(), want, rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(c[role].numpy(), a[role].numpy())
+        if step == 1:
+            break
+    # augmentations see the whole read box: nothing is cropped at read time
+    sampler = TripletSampler(index, BATCH, seed=0, augment=AugmentConfig(flip=Flip(0.5)))
+    augmented = TripletLoader(index, sampler, device="cpu", final_patch=(24, 20))
+    assert augmented.reader.crop_yx is None and augmented.spec.read_shape == index.read_shape

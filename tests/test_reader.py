@@ -185,3 +185,27 @@ def test_reads_over_http_from_a_local_server(tmp_path):
         np.testing.assert_array_equal(got.positive, expected_patches(index, plan.positive_boxes))
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------------- reading only the centre crop
+def test_a_centre_crop_read_is_the_crop_of_the_whole_box_and_decodes_fewer_chunks(tmp_path):
+    from dali_pipeline.reader import CentreCrops, read_crop
+
+    index = build(tmp_path, version="0.4", chunks=(1, 1, 1, 16, 16))
+    plans = [make_plan(index, index.valid[i:i + 6], np.random.default_rng(i)) for i in range(0, 30, 6)]
+    crops = CentreCrops(lambda step, epoch: plans[step], index.read_shape[1:], (12, 10))
+    whole, cropped = PatchReader(index), PatchReader(index, crop_yx=(12, 10))
+    for step in range(len(plans)):
+        full, part = whole.read(plans[step]), cropped.read(crops(step, 0))
+        for role in ("anchor", "positive"):  # (32 - 12) // 2 = 10, (32 - 10) // 2 = 11
+            want = expected_patches(index, getattr(plans[step], f"{role}_boxes"))[..., 10:22, 11:21]
+            np.testing.assert_array_equal(getattr(part, role), want)
+            np.testing.assert_array_equal(getattr(full, role)[..., 10:22, 11:21], want)
+    assert cropped.stats.chunks_decoded < whole.stats.chunks_decoded
+    assert cropped.plan_bytes(crops(0, 0)) * 32 * 32 == whole.plan_bytes(plans[0]) * 12 * 10
+    # the policy: only without augmentations, for one box size, and when the crop fits
+    assert read_crop(index, None, (12, 10)) == (12, 10)
+    assert read_crop(index, object(), (12, 10)) is None and read_crop(index, None, None) is None
+    assert read_crop(index, None, (40, 10)) is None
+    with pytest.raises(ValueError, match=r"crop_yx \(40, 10\) must fit inside the read patch \(32, 32\)"):
+        PatchReader(index, crop_yx=(40, 10))
