@@ -6,7 +6,9 @@ A B C ... within every repeat, each measurement in a fresh process:
 
   ceiling        PatchReader.prefetch(plans, depth=read_ahead): every read of a step concurrent, the
                  next `read_ahead` steps in flight, same tensorstore context as the loaders; no DALI,
-                 no torch
+                 no torch; the boxes the DALI loader reads (with a final patch and no augmentation
+                 only its centre crop, as the loader; the torch contenders read whole boxes, as the
+                 reference)
   torch          MultiExperimentTripletDataset in a torch DataLoader (batch_sampler = the plans,
                  identity_collate, num_workers=0)
   torch-threads  the same dataset on 2 thread workers (a DataLoader-like thread pool, 2 x
@@ -28,10 +30,10 @@ cast, normalize, iterator) apart from reading, which it shares the cores with.
 
 Figures per process: pairs/s (pairs of the timed batches / the timed window: with read-ahead,
 batches arrive in bursts, so a median batch time would flatter prefetchers), useful MB/s (bytes
-of the read boxes in the stores' dtype, anchors + positives, before crop or Z reduction: the same
-for every contender), decoded/useful bytes (PatchReader.stats of the contender's own reader:
-chunk-grid bytes of the unique chunks of each step / delivered bytes; not available for
-dali-workers, whose readers live in the workers), peak RSS (VmHWM of the measuring process plus
+of the whole read boxes in the stores' dtype, anchors + positives, before crop or Z reduction:
+the same for every contender), decoded/useful bytes (PatchReader.stats of the contender's own
+reader: chunk-grid bytes of the unique chunks of each step / bytes of the whole read boxes; not
+available for dali-workers, whose readers live in the workers), peak RSS (VmHWM of the measuring process plus
 its live children's: read-ahead, DALI's queues and buffers included), and the ratio to the
 ceiling of the same repeat. Reported: median (min-max) over the fresh processes.
 
@@ -518,19 +520,24 @@ class _Done:
         return self.patches
 
 
-def in_memory_reader(s: Setup):
-    """A PatchReader that reads the first plan once and serves its pixels for every plan: no I/O."""
-    from dali_pipeline.reader import PatchReader, Patches
+class InMemoryReader:
+    """Stands in for a loader's reader: its first plan's pixels, read once, served for every plan (no I/O).
 
-    class InMemoryReader(PatchReader):
-        def __init__(self, index, **options) -> None:
-            super().__init__(index, **options)
-            self.pixels = PatchReader(index, **options).read(s.plans[0])
+    The boxes are the loader's own (its centre crop, where it reads only that).
+    """
 
-        def submit(self, plan):
-            return _Done(Patches(plan, self.pixels.anchor, self.pixels.positive), self.plan_bytes(plan))
+    def __init__(self, loader) -> None:
+        from dali_pipeline.reader import Patches
 
-    return InMemoryReader(s.index, **reader_options(s))
+        self._reader = loader.reader
+        pixels = loader.reader.read(loader.plan_for(0, 0))
+        self._patches = lambda plan: Patches(plan, pixels.anchor, pixels.positive)
+
+    def __getattr__(self, name: str):
+        return getattr(self._reader, name)
+
+    def submit(self, plan):
+        return _Done(self._patches(plan), self._reader.plan_bytes(plan))
 
 
 class _Recorder:
@@ -600,7 +607,7 @@ def dali_ops(s: Setup) -> dict[str, Any]:
     recorded = None
     for key, normalize in (("loader_raw_ms", False), ("loader_ms", True)):
         loader = contender_dali(s, normalize).batches
-        loader.reader = loader.feed.reader = in_memory_reader(s)
+        loader.reader = loader.feed.reader = InMemoryReader(loader)
         loader.feed = recorder = _Recorder(loader.feed)
         out[key] = _mean_batch_s(loader, s.spec["warmup"], n_timed, sync) * 1e3
         recorded = recorder.last
@@ -795,8 +802,11 @@ def _report(args, out: Path, started, load_before: str, stores: dict, results: d
         lines += ["", f"DALI loader with reading made free ({protocol}; one batch's pixels served from memory), ms per "
                       "batch; 'loader work / loader step' against the DALI loader's mean step above:", "", ops]
     lines += ["", "Goals (reported, not asserted):"] + (goals or ["- (no DALI/ceiling pair measured)"])
-    lines += ["", "useful MB/s: bytes of the read boxes (anchors + positives, stored dtype, before crop / Z "
-                  "reduction). decoded/useful: PatchReader.stats (unique chunks per step x chunk bytes / delivered). "
+    lines += ["", "useful MB/s: bytes of the whole read boxes (anchors + positives, stored dtype, before crop / Z "
+                  "reduction; the same for every contender, whether it reads the whole box or, without augmentation, "
+                  "only the final crop as the DALI loader and the ceiling do). decoded/useful: PatchReader.stats "
+                  "(unique chunks per step x chunk bytes / bytes of the whole read boxes). CPU ms / batch: CPU time of "
+                  "all threads of the measuring process (spawned workers not included). "
                   "peak RSS: VmHWM of the measuring process" + (" (reset before each contender)." if protocol.startswith("reduced") else ".")]
     lines += [f"uptime before: {load_before}", f"uptime after:  {load_after}"]
     starts = [r["loadavg_1min_at_start"] for res in results.values() for rs in res["runs"].values() for r in rs]
