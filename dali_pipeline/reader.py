@@ -20,6 +20,7 @@ import numpy as np
 import tensorstore as ts
 
 from sampler import BatchPlan, LineageIndex, ReadBoxes
+from sampler.augment import AugmentConfig
 
 log = logging.getLogger(__name__)
 
@@ -461,7 +462,7 @@ def _check_crop(index: LineageIndex, crop_yx: tuple[int, int]) -> tuple[int, int
     return fy, fx
 
 
-def read_crop(index: LineageIndex, augment: object | None, final_patch: tuple[int, int] | None) -> tuple[int, int] | None:
+def read_crop(index: LineageIndex, augment: AugmentConfig | None, final_patch: tuple[int, int] | None) -> tuple[int, int] | None:
     """The centre crop to read instead of whole boxes: `final_patch` when nothing needs a box's margin
     (no augmentations, one box size for every experiment) and it fits; else None (read whole boxes)."""
     if final_patch is None or augment is not None or index.resampled:

@@ -190,6 +190,7 @@ def test_reads_over_http_from_a_local_server(tmp_path):
 # ---------------------------------------------------------------------- reading only the centre crop
 def test_a_centre_crop_read_is_the_crop_of_the_whole_box_and_decodes_fewer_chunks(tmp_path):
     from dali_pipeline.reader import CentreCrops, read_crop
+    from sampler.augment import AugmentConfig
 
     index = build(tmp_path, version="0.4", chunks=(1, 1, 1, 16, 16))
     plans = [make_plan(index, index.valid[i:i + 6], np.random.default_rng(i)) for i in range(0, 30, 6)]
@@ -205,7 +206,7 @@ def test_a_centre_crop_read_is_the_crop_of_the_whole_box_and_decodes_fewer_chunk
     assert cropped.plan_bytes(crops(0, 0)) * 32 * 32 == whole.plan_bytes(plans[0]) * 12 * 10
     # the policy: only without augmentations, for one box size, and when the crop fits
     assert read_crop(index, None, (12, 10)) == (12, 10)
-    assert read_crop(index, object(), (12, 10)) is None and read_crop(index, None, None) is None
+    assert read_crop(index, AugmentConfig(), (12, 10)) is None and read_crop(index, None, None) is None
     assert read_crop(index, None, (40, 10)) is None
     with pytest.raises(ValueError, match=r"crop_yx \(40, 10\) must fit inside the read patch \(32, 32\)"):
         PatchReader(index, crop_yx=(40, 10))
