@@ -451,25 +451,32 @@ def chunk_overlaps(boxes: ReadBoxes, box_shapes: np.ndarray, chunks_by_fov: np.n
     return ChunkOverlaps(fov, start, size, grid, owner, index)
 
 
-def _check_crop(index: LineageIndex, crop_yx: tuple[int, int]) -> tuple[int, int]:
-    fy, fx = (int(v) for v in crop_yx)
+def _crop_problem(index: LineageIndex, crop_yx: tuple[int, int]) -> str | None:
+    """Why `crop_yx` cannot be read as the centre of every box, or None."""
+    fy, fx = crop_yx
     _, y, x = index.read_shape
     if index.resampled:
-        raise ValueError("crop_yx reads the centre of boxes of one size, but pixel sizes differ between "
-                         "experiments here (each box is resampled): crop after resampling instead")
+        return ("crop_yx reads the centre of boxes of one size, but pixel sizes differ between experiments "
+                "here (each box is resampled): crop after resampling instead")
     if not (0 < fy <= y and 0 < fx <= x):
-        raise ValueError(f"crop_yx {(fy, fx)} must fit inside the read patch {(y, x)}")
-    return fy, fx
+        return f"crop_yx {(fy, fx)} must fit inside the read patch {(y, x)}"
+    return None
+
+
+def _check_crop(index: LineageIndex, crop_yx: tuple[int, int]) -> tuple[int, int]:
+    crop = (int(crop_yx[0]), int(crop_yx[1]))
+    if problem := _crop_problem(index, crop):
+        raise ValueError(problem)
+    return crop
 
 
 def read_crop(index: LineageIndex, augment: AugmentConfig | None, final_patch: tuple[int, int] | None) -> tuple[int, int] | None:
     """The centre crop to read instead of whole boxes: `final_patch` when nothing needs a box's margin
     (no augmentations, one box size for every experiment) and it fits; else None (read whole boxes)."""
-    if final_patch is None or augment is not None or index.resampled:
+    if final_patch is None or augment is not None:
         return None
-    fy, fx = (int(v) for v in final_patch)
-    _, y, x = index.read_shape
-    return (fy, fx) if 0 < fy <= y and 0 < fx <= x else None
+    crop = (int(final_patch[0]), int(final_patch[1]))
+    return None if _crop_problem(index, crop) else crop
 
 
 @dataclass(frozen=True)
