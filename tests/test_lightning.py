@@ -29,7 +29,7 @@ def nt_xent(a: torch.Tensor, p: torch.Tensor, temperature: float = 0.5) -> torch
     sim = z @ z.T / temperature
     sim.fill_diagonal_(float("-inf"))
     n = len(a)
-    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)])
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(sim.device)
     return nn.functional.cross_entropy(sim, target)
 
 
