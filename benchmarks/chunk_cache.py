@@ -55,7 +55,8 @@ SIZES = {
     "small": dict(n_fovs=4, t=4, z=16, yx=512, cells_per_fov=8),
     "reduced": dict(n_fovs=8, t=4, z=16, yx=512, cells_per_fov=48),
 }
-GOALS = {"epoch1_max_cost": 1.25, "warm_speedup_cpu": 2.0, "warm_speedup_gpu": 5.0}
+GOALS = {"epoch1_max_cost": 1.25, "warm_speedup_cpu": 2.0, "warm_speedup_gpu": 5.0,
+         "gpu_upload_assembly_share_max": 0.05, "gpu_warm_pairs_per_s_2d": 1500}
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -68,19 +69,26 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     index = LineageIndex.build(registry, IndexConfig(patch_yx=tuple(config["patch_yx"]),
                                                      channel_mode=config["channel_mode"]), progress=False)
     sampler = TripletSampler(index, spec["batch"], seed=spec["seed"], locality_frames=spec["locality"])
-    cache = spec["cache_bytes"] if spec["contender"] == "on" else 0
-    loader = TripletLoader(index, sampler, device=spec["device"], device_id=0 if spec["device"] == "gpu" else None,
-                           final_patch=config["final_patch"], z_reduction=config["z_reduction"],
-                           cache_bytes=cache)
+    options = dict(device=spec["device"], device_id=0 if spec["device"] == "gpu" else None,
+                   final_patch=config["final_patch"], z_reduction=config["z_reduction"])
+    loader = TripletLoader(index, sampler, **options)
+    cache = 0
+    if spec["contender"] == "on":  # cache_bytes is the loader's whole budget: its queue first, then the chunks
+        cache = spec["cache_bytes"] + loader.queue_bytes
+        loader = TripletLoader(index, sampler, cache_bytes=cache, **options)
     sync = _sync(spec["device"])
+    used = _gpu_used(spec["device"])
+    baseline = used()
     epochs = []
     for epoch in range(spec["epochs"]):
         stats0 = dict(loader.reader.stats.as_dict())
         hits0 = loader.reader.cache.stats.as_dict() if cache else None
+        arrays0 = loader.reader.arrays.stats() if cache else None
         t0 = time.perf_counter()
-        pairs = 0
+        pairs, peak = 0, 0
         for batch in loader:
             pairs += int(batch["anchor"].shape[0])
+            peak = max(peak, used())
         sync()
         seconds = time.perf_counter() - t0
         stats = loader.reader.stats.as_dict()
@@ -92,13 +100,35 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             lookups = (c["hits"] - hits0["hits"]) + (c["misses"] - hits0["misses"])
             row.update(hit_rate=(c["hits"] - hits0["hits"]) / lookups if lookups else None,
                        cached_gb=loader.reader.cache.nbytes / 1e9, evictions=c["evictions"])
+            a = loader.reader.arrays.stats()
+            if a["device"] == "gpu":  # CUDA-event times of uploads + assembly against the epoch's wall time
+                steps = a["steps_timed"] - arrays0["steps_timed"]
+                gpu_ms = a["upload_ms"] + a["assembly_ms"] - arrays0["upload_ms"] - arrays0["assembly_ms"]
+                row.update(launches_per_step=(a["launches"] - arrays0["launches"]) / max(1, steps),
+                           upload_assembly_ms_per_step=gpu_ms / max(1, steps),
+                           upload_assembly_share=gpu_ms / (1000 * seconds))
+        if spec["device"] == "gpu":
+            row["peak_gpu_mib_above_start"] = (peak - baseline) / 2**20
         epochs.append(row)
         print(f"  {spec['config_name']} cache {spec['contender']} epoch {epoch + 1}: {row['pairs_per_s']:.1f} pairs/s "
               f"({seconds:.1f} s), decoded/useful {row['decoded_per_useful']:.2f}", file=sys.stderr, flush=True)
     from procstat import proc_status
 
-    return dict(contender=spec["contender"], repeat=spec["repeat"], epochs=epochs,
+    return dict(contender=spec["contender"], repeat=spec["repeat"], epochs=epochs, memory=loader.memory(),
                 peak_rss_mib=proc_status().get("VmHWM"), loadavg_at_start=spec.get("load"))
+
+
+def _gpu_used(device: str):
+    """Bytes in use on GPU 0 (everything: DALI, cupy, torch), sampled per step; 0 on the CPU."""
+    if device != "gpu":
+        return lambda: 0
+    import cupy
+
+    def used() -> int:
+        free, total = cupy.cuda.runtime.memGetInfo()
+        return total - free
+
+    return used
 
 
 def _sync(device: str):
@@ -173,6 +203,20 @@ def goal_lines(results: dict[str, Any], gpu: bool) -> list[str]:
                      f"{'met' if cost <= GOALS['epoch1_max_cost'] else 'NOT met'}); warm epochs {speed:.2f} x "
                      f"(goal >= {warm_goal}: {'met' if speed >= warm_goal else 'NOT met'}); amortised decoded/useful "
                      f"{amort:.2f} over {len(res['runs'][0]['epochs'])} epochs (goal < 1: {'met' if amort < 1 else 'NOT met'})")
+        cold = [r["epochs"][0] for r in res["runs"] if r["contender"] == "on"]
+        if gpu and cold and "upload_assembly_share" in cold[0]:
+            share = statistics.median(e["upload_assembly_share"] for e in cold)
+            launches = max(e["launches_per_step"] for r in res["runs"] if r["contender"] == "on" for e in r["epochs"])
+            peak = max(e.get("peak_gpu_mib_above_start", 0) for r in res["runs"] for e in r["epochs"])
+            warm = on["warm_pairs_per_s"]["median"]
+            line = (f"- {cfg} on the GPU: uploads + assembly {share:.1%} of a cold step (CUDA events; goal < "
+                    f"{GOALS['gpu_upload_assembly_share_max']:.0%}: {'met' if share < GOALS['gpu_upload_assembly_share_max'] else 'NOT met'}); "
+                    f"{launches:.2f} assembly launches per step (goal 1: {'met' if launches == 1 else 'NOT met'}); "
+                    f"peak GPU memory above the start {peak:,.0f} MiB")
+            if cfg == "2-D":
+                goal = GOALS["gpu_warm_pairs_per_s_2d"]
+                line += f"; warm {warm:,.0f} pairs/s (goal >= {goal:,}: {'met' if warm >= goal else 'NOT met'})"
+            lines.append(line)
     return lines
 
 
@@ -211,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=["2-D", "3-D"], choices=["2-D", "3-D"])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--cache-gb", type=float, default=6.0, help="cache budget (GB); holds the full store")
+    parser.add_argument("--cache-gb", type=float, default=6.0,
+                        help="the chunks' budget (GB; holds the full store): the loader gets this plus its queue")
     parser.add_argument("--locality", type=int, default=None, help="TripletSampler(locality_frames=...)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--small", action="store_true", help="smoke run: 4 FOVs, 1 repeat")

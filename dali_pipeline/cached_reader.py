@@ -4,9 +4,9 @@ For each plan the chunks its boxes touch (the inner chunks of sharded stores) ar
 de-duplicated across the step (anchors and positives together); those neither cached nor already
 in flight for an earlier plan are read in one concurrent tensorstore batch, each exactly its grid
 cell, in the stored dtype. Every patch is then assembled from its chunks into one contiguous
-(B, C, Z, Y, X) buffer of the cache's array module (cupy in GPU memory on a GPU, numpy otherwise),
-channels canonical, so on a GPU no patch crosses PCIe: only chunks do, once. The patches equal
-PatchReader's for the same plans.
+(B, C, Z, Y, X) buffer (`device_arrays`: cupy in GPU memory on a GPU, numpy otherwise) by one
+batched box copy over the step's piece table (`assembly`), channels canonical, so on a GPU no patch
+crosses PCIe: only chunks do, once. The patches equal PatchReader's for the same plans.
 
 A plan whose chunk reads fail is read again by the uncached path, which names the failing box or
 skips samples as `on_read_error` says. Chunks a pending plan needs are held by it until its
@@ -15,14 +15,15 @@ result is taken, so an eviction in between costs memory for a moment, never a wr
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import tensorstore as ts
 
-from dali_pipeline.chunk_cache import ChunkCache, array_module
+from dali_pipeline.assembly import piece_table
+from dali_pipeline.chunk_cache import ChunkCache
+from dali_pipeline.device_arrays import device_arrays
 from dali_pipeline.reader import Patches, PatchReader, chunk_overlaps
 from sampler import BatchPlan, LineageIndex, ReadBoxes
 
@@ -62,11 +63,16 @@ class PendingCachedRead:
     def result(self) -> Patches:
         reader = self.reader
         try:
-            try:
-                chunks = [reader._resolve(c) if isinstance(c, _Fetch) else c for c in self.held]
+            try:  # every read decoded first, so that the uploads then go back to back on the GPU's stream
+                for item in self.held:
+                    if isinstance(item, _Fetch) and item.chunk is None:
+                        item.future.result()
             except Exception:  # tensorstore raises ValueError/OSError subclasses
                 reader._forget(self.held)
                 return reader._uncached(self.plan)
+            reader.arrays.begin_step()
+            chunks = [reader._resolve(c) if isinstance(c, _Fetch) else c for c in self.held]
+            reader.arrays.end_uploads()
             return reader._assemble_plan(self.plan, chunks, self.pieces)
         finally:
             reader._unpin(self.keys)
@@ -75,36 +81,33 @@ class PendingCachedRead:
 class CachedPatchReader(PatchReader):
     """A PatchReader that decodes each chunk once and crops patches from a ChunkCache of `cache_bytes`.
 
-    `device="gpu"` keeps the chunks and the assembled batches in GPU memory (cupy); "cpu" in host
-    memory (numpy). `stats` (ReadStats) counts the chunks actually read (`chunks_decoded`,
-    `bytes_decoded`), so its amplification is the amortised decoded/useful ratio; `cache.stats`
-    holds hits, misses, evictions and the peak of cached bytes. On the CPU the pieces are copied by
-    `copy_threads` threads (numpy releases the GIL while copying; min(4, concurrency)); on a GPU
-    they are copy kernels on cupy's current stream, which DALI's GPU external source waits on.
-    Other options as PatchReader's.
+    `device="gpu"` keeps the chunks and the assembled batches in the memory of GPU `device_id`
+    (cupy, `GpuArrays`: pinned staging, uploads and one assembly kernel per step on a stream of its
+    own, `stream_ptr` for DALI); "cpu" in host memory (numpy, `HostArrays`: the pieces copied by
+    min(4, concurrency) threads). `stats` (ReadStats) counts the chunks actually read
+    (`chunks_decoded`, `bytes_decoded`), so its amplification is the amortised decoded/useful ratio;
+    `cache.stats` holds hits, misses, evictions and the peak of cached bytes; `arrays.stats()`
+    the buffers, uploads, launches and GPU times. Other options as PatchReader's.
     """
 
     def __init__(self, index: LineageIndex, *, cache_bytes: int, device: Literal["cpu", "gpu"] = "cpu",
-                 **options: Any) -> None:
+                 device_id: int | None = None, **options: Any) -> None:
         if cache_bytes <= 0:
             raise ValueError(f"cache_bytes must be > 0 for a chunk cache (0 means the plain PatchReader), got {cache_bytes}")
         super().__init__(index, **options)
         self.device = device
-        self.xp = array_module(device)
+        self.arrays = device_arrays(device, device_id, copy_threads=min(4, self.concurrency))
         self.cache = ChunkCache(cache_bytes)
         self._shape = index.fovs[list("TCZYX")].to_numpy().astype(np.int64)
         self._inflight: dict[tuple[int, ...], _Fetch] = {}
-        # host memory is recycled: evicted chunk buffers are reused for new chunks once no pending plan
-        # holds them (glibc would otherwise keep the freed ones and let RSS outgrow the budget); spares
-        # are never freed, so the buffers ever allocated stay at the peak of cached + pinned chunks
+        # a chunk evicted while a pending plan still reads it is released when that plan is done
         self._pins: dict[tuple[int, ...], int] = {}
         self._retired: dict[tuple[int, ...], list] = {}
-        self._free: dict[tuple, list] = {}
-        self._free_bytes = 0
-        self.buffers = {"allocated": 0, "reused": 0}
-        self.copy_threads = max(1, min(4, self.concurrency))
-        self._copiers = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="chunk-copy") \
-            if self.xp is np and self.copy_threads > 1 else None
+
+    @property
+    def stream_ptr(self) -> int | None:
+        """The CUDA stream the patches are assembled on (for DALI's GPU external source), or None."""
+        return self.arrays.stream.ptr if self.device == "gpu" else None
 
     def __getstate__(self) -> dict:
         raise TypeError("a CachedPatchReader lives in one process (its cache and reads in flight); "
@@ -164,39 +167,22 @@ class CachedPatchReader(PatchReader):
                     fov, origin = key[0], np.array(key[1:]) * self._chunks[key[0]]
                     end = np.minimum(origin + self._chunks[fov], self._shape[fov])
                     view = self._raw_store(fov)[tuple(slice(int(a), int(b)) for a, b in zip(origin, end))]
-                    buffer = self._spare(tuple(int(v) for v in end - origin), view.dtype.numpy_dtype)
-                    if buffer is not None:  # decoded straight into a recycled host buffer
+                    buffer = self.arrays.staging(tuple(int(v) for v in end - origin), view.dtype.numpy_dtype)
+                    if buffer is not None:  # decoded straight into a recycled or pinned host buffer
                         future = ts.array(buffer, copy=False, write=True).write(view.translate_to[0])
-                    else:  # read with the step's batch (tensorstore allocates; a GPU cache uploads it once)
+                    else:  # read with the step's batch (tensorstore allocates)
                         future = view.read(batch=batch)
                     fetch = _Fetch(key, future, int(np.prod(end - origin)) * int(self._itemsize[fov]), buffer)
                     self._inflight[key] = fetch
                     held[slot] = fetch
         return PendingCachedRead(self, plan, keys, held, pieces, self.plan_bytes(plan))
 
-    def _spare(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-        """A recycled host buffer of that shape and dtype, if one is free (None on a GPU cache)."""
-        spare = self._free.get((shape, dtype))
-        if not spare:
-            self.buffers["allocated"] += 1
-            return None
-        buffer = spare.pop()
-        self._free_bytes -= buffer.nbytes
-        self.buffers["reused"] += 1
-        return buffer
-
-    def _recycle(self, chunk: Any) -> None:
-        """Keep an unused host chunk buffer for the next chunk of its shape and dtype (cupy pools its own)."""
-        if self.xp is np:
-            self._free.setdefault((chunk.shape, chunk.dtype), []).append(chunk)
-            self._free_bytes += chunk.nbytes
-
     def _evicted(self, evicted: list) -> None:
         for key, chunk in evicted:
             if self._pins.get(key):  # a pending plan still reads it: recycle when that plan is done
                 self._retired.setdefault(key, []).append(chunk)
             else:
-                self._recycle(chunk)
+                self.arrays.release(chunk)
 
     def _unpin(self, keys: list[tuple[int, ...]]) -> None:
         for key in keys:
@@ -206,13 +192,13 @@ class CachedPatchReader(PatchReader):
                 continue
             del self._pins[key]
             for chunk in self._retired.pop(key, ()):
-                self._recycle(chunk)
+                self.arrays.release(chunk)
 
     def _resolve(self, fetch: _Fetch) -> Any:
         """The fetched chunk in the cache's array module, cached and counted on first use."""
         if fetch.chunk is None:
             done = fetch.future.result()
-            fetch.chunk = fetch.buffer if fetch.buffer is not None else self.xp.asarray(done)
+            fetch.chunk = self.arrays.adopt(fetch.buffer if fetch.buffer is not None else done, self.dtype)
             if self._inflight.get(fetch.key) is fetch:
                 del self._inflight[fetch.key]
             self._evicted(self.cache.put(fetch.key, fetch.chunk))
@@ -229,36 +215,24 @@ class CachedPatchReader(PatchReader):
     def _uncached(self, plan: BatchPlan) -> Patches:
         """The plan through PatchReader's path: errors name the box, or samples are skipped."""
         got = PatchReader.submit(self, plan).result()
-        if self.xp is np:
-            return got
-        move = (lambda a: None if a is None else
-                self.xp.asarray(a) if isinstance(a, np.ndarray) else [self.xp.asarray(s) for s in a])
-        return Patches(got.plan, move(got.anchor), move(got.positive))
+        move = self.arrays.from_host
+        return Patches(got.plan, *[None if a is None else move(a) if isinstance(a, np.ndarray) else [move(s) for s in a]
+                                   for a in (got.anchor, got.positive)])
 
     def _assemble_plan(self, plan: BatchPlan, chunks: list, pieces: _Pieces) -> Patches:
-        """Copy every piece from its chunk into (2B, C, Z, Y, X) buffers, one per box shape."""
-        xp, n = self.xp, len(plan)
-        boxes = self._plan_boxes(plan)
-        shapes = self.box_shapes(boxes)
+        """Copy every piece from its chunk into (2B, C, Z, Y, X) buffers, one per box shape (one piece table)."""
+        n = len(plan)
+        shapes = self.box_shapes(self._plan_boxes(plan))
         unique, which = np.unique(shapes, axis=0, return_inverse=True)
         which = which.ravel()
-        row = np.zeros(len(which), np.int64)
-        bufs = []
-        for g, shape in enumerate(unique.tolist()):
-            members = np.flatnonzero(which == g)
-            row[members] = np.arange(len(members))
-            bufs.append(xp.empty((len(members), self.index.n_channels, *shape), dtype=self.dtype))
-        jobs = list(zip(pieces.chunk.tolist(), which[pieces.box].tolist(), row[pieces.box].tolist(),
-                        pieces.channel.tolist(), pieces.src.tolist(), pieces.dst.tolist()))
-
-        def copy(part: list) -> None:
-            for c, g, r, k, s, d in part:
-                bufs[g][r, k, d[0]:d[1], d[2]:d[3], d[4]:d[5]] = chunks[c][s[0], s[1], s[2]:s[3], s[4]:s[5], s[6]:s[7]]
-
-        if self._copiers is None:  # cupy: kernel launches on the current stream, in order
-            copy(jobs)
-        else:  # numpy releases the GIL while copying: split the pieces over the copy threads
-            list(self._copiers.map(copy, [jobs[i::self.copy_threads] for i in range(self.copy_threads)]))
+        counts = np.bincount(which, minlength=len(unique))
+        row = np.empty(len(which), np.int64)  # each box's row in its shape's buffer
+        row[np.argsort(which, kind="stable")] = np.arange(len(which)) - np.repeat(np.cumsum(counts) - counts, counts)
+        out_shapes = np.column_stack([counts, np.full(len(unique), self.index.n_channels), unique]).astype(np.int64)
+        bufs = [self.arrays.empty(tuple(shape), self.dtype) for shape in out_shapes.tolist()]
+        table = piece_table(np.array([c.shape for c in chunks], np.int64).reshape(-1, 5), pieces.chunk, pieces.src,
+                            which[pieces.box], row[pieces.box], pieces.channel, pieces.dst, out_shapes)
+        self.arrays.assemble(table, chunks, bufs)
         self.stats.steps += 1
         self.stats.patches += len(shapes)
         self.stats.bytes_delivered += self.plan_bytes(plan)

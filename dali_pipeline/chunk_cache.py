@@ -1,7 +1,7 @@
 """ChunkCache: decoded chunks kept where the crops happen, least recently used out, under a byte budget.
 
-The arrays belong to one array module chosen at start (`array_module`): cupy arrays in GPU memory
-on a GPU, numpy arrays in host memory otherwise, so the CPU tests run the logic the GPU runs.
+The cache only keeps and evicts: the arrays come from `device_arrays` (cupy arrays in GPU memory on
+a GPU, numpy arrays in host memory otherwise), so the CPU tests run the logic the GPU runs.
 """
 
 from __future__ import annotations
@@ -9,23 +9,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
-from types import ModuleType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-
-
-def array_module(device: Literal["cpu", "gpu"]) -> ModuleType:
-    """numpy for "cpu", cupy for "gpu" (an ImportError naming the extra when cupy is missing)."""
-    if device == "cpu":
-        return np
-    if device != "gpu":
-        raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
-    try:
-        import cupy
-    except ImportError as err:
-        raise ImportError("a chunk cache on the GPU needs cupy: pip install 'dynaclr-dali[gpu]'") from err
-    return cupy
 
 
 @dataclass
@@ -93,7 +79,3 @@ class ChunkCache:
         self.stats.bytes_inserted += size
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.nbytes)
         return evicted
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0

@@ -58,9 +58,11 @@ class TripletLoader:
     `loader.reader.stats.skipped` counts replaced samples (in this process: with `workers`, each
     worker counts its own).
 
-    `cache_bytes` > 0 reads each chunk once and keeps it decoded in a ChunkCache of that many
-    bytes, on the pipeline's device (GPU memory with cupy for "gpu", host memory for "cpu"); every
-    patch is cropped from the cached chunks and, on a GPU, fed to DALI already in GPU memory.
+    `cache_bytes` > 0 reads each chunk once and keeps it decoded in a ChunkCache on the pipeline's
+    device (GPU `device_id`'s memory with cupy for "gpu", host memory for "cpu"); every patch is
+    cropped from the cached chunks and, on a GPU, assembled and fed to DALI on a stream of the
+    cache's own. `cache_bytes` is the whole budget there: `queue_bytes` first, the chunks get the
+    rest (`memory()` reports both).
     Batches equal the uncached loader's; `loader.reader.cache.stats` reports hits and evictions
     and `loader.reader.stats` the chunks actually decoded. 0 (the default) reads every patch
     through tensorstore; the cache needs `workers=0`.
@@ -120,7 +122,8 @@ class TripletLoader:
             pixel_source=device if cache_bytes else None,
         )
         reader_options = dict(reader_options, crop_yx=crop)
-        self.reader = (CachedPatchReader(index, cache_bytes=cache_bytes, device=device, **reader_options)
+        self.reader = (CachedPatchReader(index, cache_bytes=cache_bytes, device=device, device_id=device_id,
+                                         **reader_options)
                        if cache_bytes else PatchReader(index, **reader_options))
         self.plan_for = sampler.plan if crop is None else CentreCrops(sampler.plan, index.read_shape[1:], crop)
         self.workers = workers
@@ -128,6 +131,15 @@ class TripletLoader:
         self.center = CenterSlices.build(index, z_reduction) if channelwise and not per_channel else None
         read, output = self._step_bytes()
         self.queue_bytes = (prefetch + 2) * read + prefetch * output  # arrays the feed keeps + DALI's outputs
+        self.cache_bytes = cache_bytes
+        if cache_bytes:  # one budget on the cache's device: the chunks get what the queue leaves
+            if cache_bytes <= self.queue_bytes:
+                raise ValueError(
+                    f"cache_bytes={cache_bytes:,} cannot hold the batches in flight: {self.queue_bytes:,} bytes "
+                    f"({prefetch + 2} steps of assembled patches + {prefetch} of DALI's outputs, batch "
+                    f"{sampler.batch_size}) come first on the {device.upper()} and the chunks get the rest; "
+                    "raise cache_bytes or lower prefetch or the batch size")
+            self.reader.cache.budget_bytes = cache_bytes - self.queue_bytes
         self.feed = PlanFeed(self.reader, self.plan_for, self.params, depth=read_ahead, keep=prefetch + 2,
                              center=self.center,
                              budget_bytes=None if budget_bytes is None else self._read_ahead_budget(budget_bytes, read, output))
@@ -159,6 +171,19 @@ class TripletLoader:
                 "or the batch size"
             )
         return budget_bytes - self.queue_bytes
+
+    def memory(self) -> dict[str, Any]:
+        """Bytes the loader holds for patches on the cache's device, under `cache_bytes` (0 without a cache).
+
+        `queue`: assembled patches the feed keeps for DALI plus DALI's float32 outputs (upper bounds);
+        `cache_budget` / `cache_used`: the chunk cache; `staging_host`: pinned host buffers of a GPU cache.
+        """
+        if not self.cache_bytes:
+            return {"budget": 0, "queue": self.queue_bytes}
+        arrays = self.reader.arrays.stats()
+        return {"device": self.reader.device, "budget": self.cache_bytes, "queue": self.queue_bytes,
+                "cache_budget": self.reader.cache.budget_bytes, "cache_used": self.reader.cache.nbytes,
+                "cache_peak": self.reader.cache.stats.peak_bytes, "staging_host": arrays.get("pinned_bytes", 0)}
 
     # ------------------------------------------------------------------ epochs and state
     @property
@@ -223,6 +248,7 @@ class TripletLoader:
             seed=(self.sampler.seed * 1_000_003 + self.sampler.rank) % (1 << 31),  # noise fields per (seed, rank)
             checkpointing=self._checkpointing, checkpoint=checkpoint,
             no_copy=source is self.feed,  # the feed keeps its last outputs alive for DALI's queue
+            cuda_stream=getattr(self.reader, "stream_ptr", None),
         )
         return DALIGenericIterator(pipe, output_names(self.spec), auto_reset=False)
 

@@ -140,7 +140,7 @@ def _normalize(x, sub, div, spec: GraphSpec, is_float: bool):
 def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int, device_id: int | None,
                    num_threads: int = 2, prefetch: int = 2, seed: int = 0, workers: int = 0,
                    batch_bytes: int = 0, checkpointing: bool = False, checkpoint: bytes | None = None,
-                   no_copy: bool = False):
+                   no_copy: bool = False, cuda_stream: int | None = None):
     """The DALI Pipeline for a PlanFeed-like batch source returning the outputs `names`.
 
     Outputs: anchor[, positive] (float32 CDHW), ids (int64), and anchor_norm[, positive_norm]
@@ -149,7 +149,8 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
     source); `batch_bytes` sizes their shared-memory chunks. `checkpointing` lets the pipeline's
     state (source position, random streams) be saved; `checkpoint` restores one. `no_copy` lets
     DALI use the source's arrays in place: the source must keep them alive and unchanged while
-    they are queued (a PlanFeed keeps its last outputs).
+    they are queued (a PlanFeed keeps its last outputs). `cuda_stream`: the stream patches in GPU
+    memory are produced on (`pixel_source="gpu"`); DALI orders its use of them after that stream.
     """
     dali = require_dali()
     fn, types = dali.fn, dali.types
@@ -182,7 +183,8 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
                 dict(parallel=True, bytes_per_sample_hint=int(1.2 * batch_bytes) + (1 << 20)) if workers else {}))
         else:  # the patches on their device, the rest on the CPU (argument inputs must be CPU nodes)
             split = SplitSource(source, names)
-            by_name = {**external(split.pixels, split.pixel_names, device=spec.pixel_source),
+            on_gpu = {} if spec.pixel_source == "cpu" or cuda_stream is None else dict(cuda_stream=cuda_stream)
+            by_name = {**external(split.pixels, split.pixel_names, device=spec.pixel_source, **on_gpu),
                        **external(split.terms, split.term_names)}
         outputs = []
         for role in ("anchor", "positive") if spec.fit else ("anchor",):

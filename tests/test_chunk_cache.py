@@ -5,15 +5,19 @@ correct, the budget is never exceeded, and the loader with `cache_bytes` yields 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from builders import expected_patches, make_experiment, track_rows, tracks_table, write_collection
+from fake_cupy import FakeCupy
 
 from dali_pipeline import PatchReader, kvstore_reads
 from dali_pipeline.cached_reader import CachedPatchReader
-from dali_pipeline.chunk_cache import ChunkCache, array_module
+from dali_pipeline.assembly import KERNEL_SOURCE, NX, NY, NZ, kernel_name, launch_shape, piece_table
+from dali_pipeline.chunk_cache import ChunkCache
+from dali_pipeline.device_arrays import device_arrays
 from sampler import (
     BatchPlan,
     ExperimentRegistry,
@@ -150,7 +154,7 @@ def test_evicted_buffers_are_reused_only_once_no_pending_plan_reads_them(index):
             want = plain.read(plan)
             np.testing.assert_array_equal(got.anchor, want.anchor)
             np.testing.assert_array_equal(got.positive, want.positive)
-        allocated.append(reader.buffers["allocated"])
+        allocated.append(reader.arrays.buffers["allocated"])
         decoded.append(reader.stats.chunks_decoded)
     # buffers ever allocated: at most the cache plus the chunks of 4 pending plans, and flat once reached
     most = max(len(chunks_of(index, [plan])) for plan in plans)
@@ -197,11 +201,14 @@ def test_chunk_cache_lru_and_budget():
     cache.put("huge", np.zeros(4, np.float64))  # larger than the budget: not kept, nothing evicted
     assert "huge" not in cache and len(cache) == 3
     assert cache.stats.evictions == 1 and cache.stats.hits == 1
+    assert cache.get("b") is None and cache.stats.as_dict()["hit_rate"] == 0.5  # 1 hit, 1 miss
+    assert np.isnan(ChunkCache(8).stats.hit_rate)
     with pytest.raises(ValueError, match="budget"):
         ChunkCache(-1)
-    assert array_module("cpu") is np
     with pytest.raises(ValueError, match="device"):
-        array_module("tpu")
+        device_arrays("tpu")
+    with pytest.raises(ValueError, match="device_id"):
+        device_arrays("gpu")
 
 
 def test_loader_with_a_cache_yields_the_uncached_batches(index):
@@ -242,10 +249,206 @@ def test_gpu_cache_in_device_memory_yields_the_uncached_batches(index):
         return TripletLoader(index, sampler, device="gpu", device_id=0, final_patch=(24, 24), **options)
 
     plain, cached = loader(), loader(cache_bytes=64 << 20)
-    assert cached.reader.xp.__name__ == "cupy"
+    assert cached.reader.arrays.device == "gpu" and cached.reader.stream_ptr
     for epoch in range(2):  # the second epoch comes mostly from chunks already in GPU memory
         for g, c in zip(plain, cached):
             assert c["anchor"].device == torch.device("cuda", 0)
             torch.testing.assert_close(c["anchor"], g["anchor"].to(c["anchor"].device), rtol=0, atol=0)
             torch.testing.assert_close(c["positive"], g["positive"].to(c["positive"].device), rtol=0, atol=0)
     assert cached.reader.cache.stats.hits > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU path on the CPU: the same reader with a numpy-backed stand-in for cupy (tests/fake_cupy.py)
+# that records devices, streams, pinned buffers and launches; on a GPU machine the same tests run
+# against real cupy too (the recording checks only with the stand-in).
+
+@pytest.fixture(params=["standin", pytest.param("cupy", marks=pytest.mark.gpu)])
+def gpu(request, monkeypatch):
+    """(cupy-like module, device_id, stand-in or None): the stand-in on its second GPU, or real cupy."""
+    if request.param == "standin":
+        fake = FakeCupy(device_count=2)
+        monkeypatch.setitem(sys.modules, "cupy", fake)
+        return fake, 1, fake
+    cupy = pytest.importorskip("cupy")
+    if not cupy.is_available():
+        pytest.skip("no CUDA device for cupy")
+    return cupy, cupy.cuda.runtime.getDeviceCount() - 1, None
+
+
+def test_gpu_path_assembles_numpy_patches_with_one_launch_per_step_on_its_own_gpu_and_stream(index, gpu):
+    cupy, device_id, fake = gpu
+    reader = CachedPatchReader(index, cache_bytes=64 << 20, device="gpu", device_id=device_id)
+    plans = epoch_plans(index, 0) + epoch_plans(index, 1)  # epoch 2 mostly from cached chunks
+    for plan, got in zip(plans, reader.prefetch(plans, depth=2)):
+        assert got.anchor.device.id == device_id and got.positive.device.id == device_id
+        np.testing.assert_array_equal(got.anchor.get(), expected_patches(index, plan.anchor_boxes))
+        np.testing.assert_array_equal(got.positive.get(), expected_patches(index, plan.positive_boxes))
+    stats = reader.arrays.stats()
+    assert stats["launches"] == stats["steps_timed"] == len(plans)  # one assembly kernel per step
+    assert stats["uploads"] == reader.stats.chunks_decoded + len(plans)  # each chunk once, plus the step's table
+    assert stats["upload_ms"] >= 0 and stats["assembly_ms"] >= 0
+    assert {chunk.device.id for chunk in reader.cache._items.values()} == {device_id}
+    assert reader.cache.stats.hits > 0
+    if fake is None:
+        return
+    stream = reader.arrays.stream
+    assert stream.non_blocking and stream.device_id == device_id and reader.stream_ptr == stream.ptr
+    assert {(d, s) for d, s, _ in fake.allocations} == {(device_id, stream)}  # nothing on the current GPU 0
+    assert all(launch.device == device_id and launch.stream is stream and launch.arrays_devices == {device_id}
+               and launch.name == f"copy_pieces_{np.dtype(index.batch_dtype).itemsize}" for launch in fake.launches)
+    assert fake.copies and all(d == device_id and s is stream and pinned for d, s, pinned, _ in fake.copies)
+
+
+def test_gpu_staging_buffers_are_reused_only_after_their_upload(index, monkeypatch):
+    fake = FakeCupy(events_complete=False)  # uploads stay in flight until an event is synchronized
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    reader = CachedPatchReader(index, cache_bytes=64 << 20, device="gpu", device_id=0)
+    plans = epoch_plans(index)
+    requests = []  # staging buffers asked for per step: its new chunks, plus its piece table
+    for step in range(3):
+        if step == 2:
+            fake.completed = fake.clock  # every upload so far has finished
+        before = len(fake.pinned)
+        reader.read(plans[step])
+        new_chunks = len(chunks_of(index, plans[:step + 1])) - len(chunks_of(index, plans[:step]))
+        requests.append((new_chunks + 1, len(fake.pinned) - before))
+    assert requests[0][0] == requests[0][1] and requests[1][0] == requests[1][1]  # in flight: never reused
+    assert requests[2][0] > 1 and requests[2][1] < requests[2][0]  # finished: reused
+    assert reader.arrays.stats()["steps_timed"] == 3
+
+
+def test_gpu_fallback_reads_through_pinned_staging_and_still_names_the_box(tmp_path, monkeypatch):
+    fake = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    index = build(tmp_path, version="0.4", chunks=(1, 1, 2, 64, 64))
+    fov = index.fovs[index.fovs.experiment == "b"].iloc[0]
+    rows = np.flatnonzero((index.tracks.experiment == "b").to_numpy() & (index.column("t") == 3))[:2]
+    plan = make_plan(index, np.concatenate([rows, np.flatnonzero(index.column("t") == 0)[:20]]), None, predict=True)
+    z_chunk = int(plan.anchor_boxes.z[0]) // 2
+    victim = Path(fov.url[len("file://"):]) / "3" / "0" / str(z_chunk) / "0" / "0"
+    victim.write_bytes(os.urandom(len(victim.read_bytes())))
+    from dali_pipeline import PatchReadError
+
+    with pytest.raises(PatchReadError, match=r"Experiment 'b', FOV A/1/0, t=3: anchor box"):
+        CachedPatchReader(index, cache_bytes=1 << 20, device="gpu", device_id=1).read(plan)
+    reader = CachedPatchReader(index, cache_bytes=1 << 20, device="gpu", device_id=1, on_read_error="skip",
+                               max_skip_fraction=0.5)
+    got = reader.read(plan)
+    want = PatchReader(index, on_read_error="skip", max_skip_fraction=0.5).read(plan)
+    assert reader.stats.skipped == 2 and got.anchor.device.id == 1 and fake.copies[-1][2]  # from pinned memory
+    np.testing.assert_array_equal(got.anchor.get(), want.anchor)
+
+
+def test_gpu_arrays_refuse_a_missing_cupy_or_gpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)
+    with pytest.raises(ImportError, match=r"dynaclr-dali\[cu12\]"):
+        device_arrays("gpu", 0)
+    monkeypatch.setitem(sys.modules, "cupy", FakeCupy(device_count=1))
+    with pytest.raises(RuntimeError, match="InvalidDevice"):
+        device_arrays("gpu", 1)
+
+
+def _brute_force_pieces(chunk_grid, volume_shape, boxes, box_shape):
+    """Pieces listed with Python loops: per box, channel and overlapping chunk, the intersection."""
+    rows = []
+    chunk_ids = {}
+    for b, (t, channels, corner) in enumerate(boxes):
+        for k, c in enumerate(channels):
+            lo, hi = np.array(corner), np.array(corner) + box_shape
+            for idx in np.ndindex(*[(h - 1) // g - l // g + 1 for l, h, g in zip(lo, hi, chunk_grid)]):
+                first = np.array(idx) + lo // chunk_grid
+                origin = first * chunk_grid
+                end = np.minimum(origin + chunk_grid, volume_shape)
+                a, z = np.maximum(lo, origin), np.minimum(hi, end)
+                key = (t, c, *first.tolist())
+                cid = chunk_ids.setdefault(key, len(chunk_ids))
+                src = [t, c] + [v for d in range(3) for v in (a[d] - origin[d], z[d] - origin[d])]
+                dst = [v for d in range(3) for v in (a[d] - lo[d], z[d] - lo[d])]
+                rows.append((cid, b, k, src, dst))
+    return chunk_ids, rows
+
+
+def test_piece_table_copies_equal_numpy_slicing_and_launch_shape_covers_every_piece():
+    rng = np.random.default_rng(0)
+    volume = rng.integers(0, 60000, size=(3, 4, 7, 45, 38)).astype(np.uint16)  # T, C, Z, Y, X
+    grid = np.array([3, 16, 16])  # edge chunks are smaller on every axis
+    box_shape = np.array([4, 20, 17])
+    boxes = [(int(rng.integers(3)), rng.choice(4, 2, replace=False).tolist(),
+              [int(rng.integers(0, s - b + 1)) for s, b in zip(volume.shape[2:], box_shape)]) for _ in range(9)]
+    chunk_ids, rows = _brute_force_pieces(grid, np.array(volume.shape[2:]), boxes, box_shape)
+    chunks = [None] * len(chunk_ids)
+    for (t, c, *first), cid in chunk_ids.items():
+        o = np.array(first) * grid
+        chunks[cid] = np.ascontiguousarray(volume[t:t + 1, c:c + 1, o[0]:o[0] + grid[0], o[1]:o[1] + grid[1],
+                                                  o[2]:o[2] + grid[2]])
+    groups = np.array([b % 2 for b in range(len(boxes))])  # two destination buffers, as with two box shapes
+    order = np.array([int(np.sum(groups[:b] == groups[b])) for b in range(len(boxes))])
+    out_shapes = np.array([[np.sum(groups == g), 2, *box_shape] for g in (0, 1)], np.int64)
+    cid, box, k, src, dst = (np.array(v) for v in zip(*rows))
+    src[:, :2] = 0  # chunk-local t and c
+    table = piece_table(np.array([c.shape for c in chunks], np.int64), cid, src, groups[box], order[box], k, dst,
+                        out_shapes)
+    for threads in (1, 3):
+        outs = [np.zeros(tuple(s), np.uint16) for s in out_shapes]
+        device_arrays("cpu", copy_threads=threads).assemble(table, chunks, outs)
+        for b, (t, channels, corner) in enumerate(boxes):
+            z, y, x = corner
+            want = volume[t][channels][:, z:z + box_shape[0], y:y + box_shape[1], x:x + box_shape[2]]
+            np.testing.assert_array_equal(outs[groups[b]][order[b]], want)
+    (rows_, columns), (threads,) = launch_shape(table)
+    largest = int(np.max(np.prod(table[:, [NZ, NY, NX]], axis=1)))
+    assert rows_ == len(table) and columns * threads * 4 >= largest > (columns - 1) * threads * 4
+    assert launch_shape(table[:0])[0] == (1, 1)
+    with pytest.raises(ValueError, match="3-byte"):
+        kernel_name(3)
+    assert f"COPY_PIECES({kernel_name(2)}, unsigned short)" in KERNEL_SOURCE
+
+
+def test_loader_cache_budget_holds_the_queue_first(index):
+    pytest.importorskip("nvidia.dali")
+    from dali_pipeline.loader import TripletLoader
+
+    loader = TripletLoader(index, TripletSampler(index, 8), device="cpu", cache_bytes=64 << 20)
+    memory = loader.memory()
+    assert memory["cache_budget"] + memory["queue"] == memory["budget"] == 64 << 20
+    assert memory["queue"] == loader.queue_bytes > 0 and memory["staging_host"] == 0
+    assert TripletLoader(index, TripletSampler(index, 8), device="cpu").memory() == {"budget": 0,
+                                                                                     "queue": loader.queue_bytes}
+    with pytest.raises(ValueError, match=rf"cache_bytes=1,000 cannot hold.*{loader.queue_bytes:,} bytes"):
+        TripletLoader(index, TripletSampler(index, 8), device="cpu", cache_bytes=1000)
+
+
+def test_a_cached_reader_needs_a_budget_and_stays_in_its_process(index):
+    import pickle
+
+    with pytest.raises(ValueError, match="cache_bytes must be > 0"):
+        CachedPatchReader(index, cache_bytes=0)
+    with pytest.raises(TypeError, match="lives in one process"):
+        pickle.dumps(CachedPatchReader(index, cache_bytes=1 << 20))
+
+
+def test_a_chunk_refetched_after_a_failed_plan_is_not_dropped_by_an_older_fetch(index, monkeypatch):
+    """Plan A fails on one chunk and forgets its unfinished reads; plan C reads one of them again;
+    plan B, which shares A's original read of it, must not drop C's read from the in-flight table."""
+    plan = epoch_plans(index)[0]
+    reader = CachedPatchReader(index, cache_bytes=64 << 20)
+    first, second = reader.submit(plan), reader.submit(plan)  # B shares A's reads
+    fetches = [f for f in first.held if f is not None and f.chunk is None]
+    broken, shared = fetches[0], fetches[1]
+
+    class Failed:
+        def result(self):
+            raise ValueError("corrupt chunk")
+
+    broken.future = Failed()
+    first.result()  # falls back to the uncached path and forgets its unfinished reads
+    assert shared.key not in reader._inflight
+    third = reader.submit(plan)  # reads the forgotten chunks again
+    again = reader._inflight[shared.key]
+    assert again is not shared
+    reader._resolve(shared)  # B's copy of the shared read finishes after C issued its own
+    assert reader._inflight.get(shared.key) is again  # C's read is still in flight
+    want = expected_patches(index, plan.anchor_boxes)
+    np.testing.assert_array_equal(second.result().anchor, want)  # B holds the broken read too: falls back
+    np.testing.assert_array_equal(third.result().anchor, want)

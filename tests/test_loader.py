@@ -10,9 +10,7 @@ import torch
 
 from dali_pipeline._dali import gpu_count
 from dali_pipeline.datasets.synthetic import decode, decode_channel, demo_spec, write_synthetic
-from dali_pipeline.feed import source_names
 from dali_pipeline.loader import TripletLoader
-from dali_pipeline.pipeline import GraphSpec, build_pipeline
 from dali_pipeline.torch_dataset import MultiExperimentTripletDataset
 from sampler import ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler
 
@@ -177,22 +175,6 @@ def test_loader_never_forks(index):
     for _ in zip(range(3), loader(index)):
         pass
     assert forks == []
-
-
-@pytest.mark.parametrize(("normalize", "z_reduction", "channel_modes"), [
-    (True, "max", None), (False, "max", None), (True, "channelwise", None),
-    (True, "channelwise", ("center", "max")),
-], ids=["normalize", "raw", "channelwise-bag", "channelwise-static"])
-def test_gpu_graph_traces_on_cpu_with_gpu_kernels_only(normalize, z_reduction, channel_modes):
-    from nvidia.dali import backend
-
-    spec = GraphSpec(fit=True, device="gpu", storage_dtype=np.dtype(np.uint16), read_shape=(4, 32, 32),
-                     final_patch=(24, 24), z_reduction=z_reduction, channel_modes=channel_modes, normalize=normalize)
-    picks = z_reduction == "channelwise" and channel_modes is None
-    pipe = build_pipeline(lambda info: None, source_names(True, (), picks), spec, batch_size=4, device_id=None)
-    pipe.serialize()  # traces the whole graph: unknown arguments or GPU named inputs would fail here
-    gpu_ops = {op._op.schema_name for op in pipe._ops if op._op.device == "gpu"}  # DALI internals
-    assert gpu_ops and gpu_ops <= set(backend.RegisteredGPUOps())
 
 
 @pytest.mark.gpu

@@ -84,3 +84,28 @@ def test_the_chunk_cache_reads_boxes_of_several_sizes_like_the_uncached_loader(i
     for a, b in zip(plain, cached):
         np.testing.assert_array_equal(a, b)
     assert loader.reader.cache.stats.hits > 0
+
+
+def test_the_gpu_cache_assembles_boxes_of_several_sizes_in_one_launch(index, monkeypatch):
+    """Resampled experiments read boxes of two sizes: two destination buffers, still one kernel per step
+    (the numpy-backed stand-in for cupy runs the kernel's address table)."""
+    import sys
+
+    from fake_cupy import FakeCupy
+
+    from dali_pipeline import PatchReader
+    from dali_pipeline.cached_reader import CachedPatchReader
+
+    fake = FakeCupy()
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    sampler = TripletSampler(index, 8, seed=4)
+    reader = CachedPatchReader(index, cache_bytes=16 << 20, device="gpu", device_id=1)
+    plain = PatchReader(index)
+    for step in range(len(sampler)):
+        plan = sampler.plan(step, 0)
+        got, want = reader.read(plan), plain.read(plan)
+        assert isinstance(got.anchor, list) and {a.shape[1:] for a in got.anchor} == {(1, 32, 32), (1, 64, 64)}
+        for g, w in zip(got.anchor + got.positive, want.anchor + want.positive):
+            assert g.device.id == 1
+            np.testing.assert_array_equal(g.get(), w)
+    assert len(fake.launches) == reader.arrays.counts["launches"] == len(sampler)
