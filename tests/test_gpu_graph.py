@@ -177,6 +177,19 @@ def test_gpu_graph_storage_dtype(dtype, normalize):
                              final_patch=(24, 24)))
 
 
+@pytest.mark.parametrize("pixel_source", ["gpu", "cpu", None])
+def test_patches_in_gpu_memory_are_ordered_after_the_cache_stream(pixel_source):
+    """The chunk cache assembles patches on a stream of its own: DALI's GPU source must be given it
+    (and only that source: CPU sources have no stream)."""
+    spec = replace(BASE, pixel_source=pixel_source)
+    names = source_names(spec.fit, used_params(spec.augment))
+    pipe = build_pipeline(lambda info: None, names, spec, batch_size=4, device_id=None, cuda_stream=12345)
+    pipe.serialize()  # traces the graph
+    streams = {op._op.device: op._group._cuda_stream  # DALI internals: the stream its feed uses
+               for op in pipe._ops if op._op.schema.Name() == "ExternalSource"}
+    assert streams == ({"gpu": 12345, "cpu": None} if pixel_source == "gpu" else {"cpu": None})
+
+
 # The checks above must be able to fail: graphs known to break them.
 
 def test_the_check_flags_pixel_ops_on_the_cpu():
