@@ -23,7 +23,7 @@ import tensorstore as ts
 
 from dali_pipeline.assembly import piece_table
 from dali_pipeline.chunk_cache import ChunkCache
-from dali_pipeline.device_arrays import device_arrays
+from dali_pipeline.device_arrays import GpuArrays, HostArrays, device_arrays
 from dali_pipeline.reader import Patches, PatchReader, chunk_overlaps
 from sampler import BatchPlan, LineageIndex, ReadBoxes
 
@@ -75,34 +75,109 @@ class PendingCachedRead:
             reader.arrays.end_uploads()
             return reader._assemble_plan(self.plan, chunks, self.pieces)
         finally:
-            reader._unpin(self.keys)
+            reader.store.unpin(self.keys)
+
+
+class ChunkStore:
+    """The decoded chunks of one device, shared by every CachedPatchReader on it.
+
+    It holds the ChunkCache, the device's arrays (`device_arrays`), the reads in flight and the
+    pins of pending plans, so that readers over different indexes of one collection (a
+    DataModule's train, validation and predict loaders) read each chunk once and stay under one
+    budget. Keys name an FOV by its array's URL, not by an index row. `budget_bytes` is the whole
+    budget on the device: holders (loaders) `reserve` what their batches in flight take, and the
+    chunks get the rest; `release` gives a holder's share back.
+    """
+
+    def __init__(self, budget_bytes: int, device: Literal["cpu", "gpu"] = "cpu", device_id: int | None = None,
+                 copy_threads: int = 4) -> None:
+        if budget_bytes <= 0:
+            raise ValueError(f"a chunk cache needs a budget > 0 bytes (0 means no cache), got {budget_bytes}")
+        self.budget_bytes = int(budget_bytes)
+        self.device = device
+        self.device_id = device_id
+        self.arrays = device_arrays(device, device_id, copy_threads)
+        self.cache = ChunkCache(self.budget_bytes)
+        self.inflight: dict[tuple[int, ...], _Fetch] = {}
+        # a chunk evicted while a pending plan still reads it is released when that plan is done
+        self.pins: dict[tuple[int, ...], int] = {}
+        self.retired: dict[tuple[int, ...], list] = {}
+        self.reserved: dict[int, int] = {}  # bytes set aside per holder (id)
+        self._fov_ids: dict[str, int] = {}
+
+    def fov_ids(self, urls: list[str]) -> np.ndarray:
+        """Store-wide ids of FOV arrays, by URL (the same id for the same array in any index)."""
+        return np.array([self._fov_ids.setdefault(url, len(self._fov_ids)) for url in urls], np.int64)
+
+    def reserve(self, holder: object, nbytes: int) -> None:
+        """Set aside `nbytes` for `holder` (a loader's batches in flight); the chunks get what is left."""
+        others = sum(v for k, v in self.reserved.items() if k != id(holder))
+        if others + nbytes >= self.budget_bytes:
+            raise ValueError(
+                f"cache_bytes={self.budget_bytes:,} cannot hold the batches in flight: {nbytes:,} bytes for this "
+                f"loader (prefetch + 2 steps of assembled patches and prefetch steps of DALI's outputs)"
+                + (f" + {others:,} reserved by the other loaders on this cache" if others else "")
+                + f" come first on the {self.device.upper()} and the chunks get the rest; raise cache_bytes or "
+                "lower prefetch or the batch size")
+        self.reserved[id(holder)] = int(nbytes)
+        self.cache.budget_bytes = self.budget_bytes - others - int(nbytes)
+
+    def release(self, holder: object) -> None:
+        """Give `holder`'s share back to the chunks."""
+        self.reserved.pop(id(holder), None)
+        self.cache.budget_bytes = self.budget_bytes - sum(self.reserved.values())
+
+    def pin(self, keys: list[tuple[int, ...]]) -> None:
+        for key in keys:
+            self.pins[key] = self.pins.get(key, 0) + 1
+
+    def unpin(self, keys: list[tuple[int, ...]]) -> None:
+        for key in keys:
+            left = self.pins[key] - 1
+            if left:
+                self.pins[key] = left
+                continue
+            del self.pins[key]
+            for chunk in self.retired.pop(key, ()):
+                self.arrays.release(chunk)
+
+    def evicted(self, evicted: list) -> None:
+        for key, chunk in evicted:
+            if self.pins.get(key):  # a pending plan still reads it: released when that plan is done
+                self.retired.setdefault(key, []).append(chunk)
+            else:
+                self.arrays.release(chunk)
 
 
 class CachedPatchReader(PatchReader):
-    """A PatchReader that decodes each chunk once and crops patches from a ChunkCache of `cache_bytes`.
+    """A PatchReader that decodes each chunk once and crops patches from the chunks of a ChunkStore.
 
-    `device="gpu"` keeps the chunks and the assembled batches in the memory of GPU `device_id`
-    (cupy, `GpuArrays`: pinned staging, uploads and one assembly kernel per step on a stream of its
-    own, `stream_ptr` for DALI); "cpu" in host memory (numpy, `HostArrays`: the pieces copied by
-    min(4, concurrency) threads). `stats` (ReadStats) counts the chunks actually read
-    (`chunks_decoded`, `bytes_decoded`), so its amplification is the amortised decoded/useful ratio;
-    `cache.stats` holds hits, misses, evictions and the peak of cached bytes; `arrays.stats()`
-    the buffers, uploads, launches and GPU times. Other options as PatchReader's.
+    On a GPU store the chunks and the assembled batches live in the memory of its GPU (cupy,
+    `GpuArrays`: pinned staging, uploads and one assembly kernel per step on a stream of its own,
+    `stream_ptr` for DALI); on a CPU store in host memory (numpy, `HostArrays`: the pieces copied by
+    threads). `stats` (ReadStats) counts the chunks this reader actually read (`chunks_decoded`,
+    `bytes_decoded`), so its amplification is the amortised decoded/useful ratio; `cache.stats`
+    holds the store's hits, misses, evictions and peak of cached bytes; `arrays.stats()` the
+    buffers, uploads, launches and GPU times. Other options as PatchReader's.
     """
 
-    def __init__(self, index: LineageIndex, *, cache_bytes: int, device: Literal["cpu", "gpu"] = "cpu",
-                 device_id: int | None = None, **options: Any) -> None:
-        if cache_bytes <= 0:
-            raise ValueError(f"cache_bytes must be > 0 for a chunk cache (0 means the plain PatchReader), got {cache_bytes}")
+    def __init__(self, index: LineageIndex, *, store: ChunkStore, **options: Any) -> None:
         super().__init__(index, **options)
-        self.device = device
-        self.arrays = device_arrays(device, device_id, copy_threads=min(4, self.concurrency))
-        self.cache = ChunkCache(cache_bytes)
+        self.store = store
         self._shape = index.fovs[list("TCZYX")].to_numpy().astype(np.int64)
-        self._inflight: dict[tuple[int, ...], _Fetch] = {}
-        # a chunk evicted while a pending plan still reads it is released when that plan is done
-        self._pins: dict[tuple[int, ...], int] = {}
-        self._retired: dict[tuple[int, ...], list] = {}
+        self._fov_key = store.fov_ids(index.fovs.url.astype(str).tolist())
+
+    @property
+    def cache(self) -> ChunkCache:
+        return self.store.cache
+
+    @property
+    def arrays(self) -> HostArrays | GpuArrays:
+        return self.store.arrays
+
+    @property
+    def device(self) -> str:
+        return self.store.device
 
     @property
     def stream_ptr(self) -> int | None:
@@ -146,25 +221,26 @@ class CachedPatchReader(PatchReader):
     def submit(self, plan: BatchPlan) -> PendingCachedRead:
         """List the plan's chunks, start reading those neither cached nor in flight, and return at once."""
         keys_array, pieces = self._pieces(self._plan_boxes(plan))
-        keys = list(map(tuple, keys_array.tolist()))
-        for key in keys:
-            self._pins[key] = self._pins.get(key, 0) + 1
+        local = keys_array.tolist()  # (fov row of this index, t, c, z, y, x) chunk indices
+        keys = [(int(self._fov_key[k[0]]), *k[1:]) for k in local]  # the store's keys
+        store = self.store
+        store.pin(keys)
         held: list = []
-        missing: list[tuple[int, tuple[int, ...]]] = []
-        for key in keys:
-            fetch = self._inflight.get(key)
+        missing: list[tuple[int, list[int], tuple[int, ...]]] = []
+        for key, at in zip(keys, local):
+            fetch = store.inflight.get(key)
             if fetch is not None:  # read for an earlier plan, not yet taken: shared, not read again
-                self.cache.stats.hits += 1
+                store.cache.stats.hits += 1
                 held.append(fetch)
                 continue
-            chunk = self.cache.get(key)
+            chunk = store.cache.get(key)
             held.append(chunk)
             if chunk is None:
-                missing.append((len(held) - 1, key))
+                missing.append((len(held) - 1, at, key))
         if missing:
             with ts.Batch() as batch:
-                for slot, key in missing:
-                    fov, origin = key[0], np.array(key[1:]) * self._chunks[key[0]]
+                for slot, at, key in missing:
+                    fov, origin = at[0], np.array(at[1:]) * self._chunks[at[0]]
                     end = np.minimum(origin + self._chunks[fov], self._shape[fov])
                     view = self._raw_store(fov)[tuple(slice(int(a), int(b)) for a, b in zip(origin, end))]
                     buffer = self.arrays.staging(tuple(int(v) for v in end - origin), view.dtype.numpy_dtype)
@@ -173,35 +249,18 @@ class CachedPatchReader(PatchReader):
                     else:  # read with the step's batch (tensorstore allocates)
                         future = view.read(batch=batch)
                     fetch = _Fetch(key, future, int(np.prod(end - origin)) * int(self._itemsize[fov]), buffer)
-                    self._inflight[key] = fetch
+                    store.inflight[key] = fetch
                     held[slot] = fetch
         return PendingCachedRead(self, plan, keys, held, pieces, self.plan_bytes(plan))
-
-    def _evicted(self, evicted: list) -> None:
-        for key, chunk in evicted:
-            if self._pins.get(key):  # a pending plan still reads it: recycle when that plan is done
-                self._retired.setdefault(key, []).append(chunk)
-            else:
-                self.arrays.release(chunk)
-
-    def _unpin(self, keys: list[tuple[int, ...]]) -> None:
-        for key in keys:
-            left = self._pins[key] - 1
-            if left:
-                self._pins[key] = left
-                continue
-            del self._pins[key]
-            for chunk in self._retired.pop(key, ()):
-                self.arrays.release(chunk)
 
     def _resolve(self, fetch: _Fetch) -> Any:
         """The fetched chunk in the cache's array module, cached and counted on first use."""
         if fetch.chunk is None:
             done = fetch.future.result()
             fetch.chunk = self.arrays.adopt(fetch.buffer if fetch.buffer is not None else done, self.dtype)
-            if self._inflight.get(fetch.key) is fetch:
-                del self._inflight[fetch.key]
-            self._evicted(self.cache.put(fetch.key, fetch.chunk))
+            if self.store.inflight.get(fetch.key) is fetch:
+                del self.store.inflight[fetch.key]
+            self.store.evicted(self.cache.put(fetch.key, fetch.chunk))
             self.stats.chunks_decoded += 1
             self.stats.bytes_decoded += fetch.nbytes
         return fetch.chunk
@@ -209,8 +268,8 @@ class CachedPatchReader(PatchReader):
     def _forget(self, held: list) -> None:
         """Drop this plan's failed or unfinished reads from the in-flight table (a later plan retries)."""
         for item in held:
-            if isinstance(item, _Fetch) and item.chunk is None and self._inflight.get(item.key) is item:
-                del self._inflight[item.key]
+            if isinstance(item, _Fetch) and item.chunk is None and self.store.inflight.get(item.key) is item:
+                del self.store.inflight[item.key]
 
     def _uncached(self, plan: BatchPlan) -> Patches:
         """The plan through PatchReader's path: errors name the box, or samples are skipped."""

@@ -514,7 +514,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (1e-3)")
     p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (0.2)")
     p.add_argument("--cache-mb", type=int, default=0,
-                   help="chunk cache in MiB: decode each chunk once, crop patches from it (0: off)")
+                   help="chunk cache in MiB: decode each chunk once, crop patches from it; the loader's whole "
+                        "budget there, its batches in flight first (0: off)")
     p.add_argument("--z-reduction", choices=["max", "center", "channelwise"], default="max",
                    help="Z to one slice: max projection, centre slice, or per channel label (phase-like channels "
                         "the centre slice, the others the max) (max)")

@@ -183,7 +183,8 @@ class TripletDataModule(pl.LightningDataModule):
         device: "auto" (the trainer's device), "cpu" or "gpu".
         loader_options: TripletLoader options for every loader (final_patch, z_reduction,
             normalize, norm_meta, meta, prefetch, read_ahead, budget_bytes, num_threads, workers,
-            reader options).
+            reader options). `cache_bytes` makes one chunk store of that budget which the train,
+            validation and predict loaders share (each reserves its batches in flight from it).
     """
 
     def __init__(
@@ -232,6 +233,7 @@ class TripletDataModule(pl.LightningDataModule):
         self._index: LineageIndex | None = None
         self._split: Split | None = None
         self._loaders: dict[Role, LightningLoader | None] = {}
+        self._chunks = None  # the ChunkStore shared by the loaders (loader option cache_bytes)
         self._batch_device: torch.device | None = None
         # predict over few rows and many ranks may leave a rank without a step (the writer copes)
         self.allow_zero_length_dataloader_with_multiple_devices = True
@@ -240,6 +242,7 @@ class TripletDataModule(pl.LightningDataModule):
         """Picklable (strategy="ddp_spawn"): without the loaders (DALI pipelines), rebuilt by setup."""
         state = dict(self.__dict__)
         state["_loaders"] = {}
+        state["_chunks"] = None
         state["_batch_device"] = None
         return state
 
@@ -333,7 +336,18 @@ class TripletDataModule(pl.LightningDataModule):
         else:
             sampler = TripletSampler(index, self.predict_batch_size, seed=self.seed, rank=rank,
                                      world_size=world_size, predict=True)
-        loader = TripletLoader(index, sampler, device=kind, device_id=device_id, **self.loader_options)
+        options = dict(self.loader_options)
+        if options.get("cache_bytes"):  # one chunk store, one budget for every loader of this module
+            store = self._chunks
+            if store is None or (store.device, store.device_id) != (kind, device_id):
+                from dali_pipeline.cached_reader import ChunkStore
+
+                store = self._chunks = ChunkStore(options["cache_bytes"], kind, device_id)
+            options["cache_bytes"] = store
+        loader = TripletLoader(index, sampler, device=kind, device_id=device_id, **options)
+        old = self._loaders.get(role)
+        if old is not None:
+            old.loader.close()
         wrapped = LightningLoader(loader, role)
         self._batch_device = wrapped.device
         return wrapped
@@ -356,7 +370,9 @@ class TripletDataModule(pl.LightningDataModule):
     def teardown(self, stage: str) -> None:
         roles = {"fit": ("train", "val"), "validate": ("val",), "predict": ("predict",)}.get(stage, ())
         for role in roles:
-            self._loaders.pop(role, None)
+            loader = self._loaders.pop(role, None)
+            if loader is not None:
+                loader.loader.close()
 
     def _get(self, role: Role) -> LightningLoader | None:
         if role not in self._loaders:

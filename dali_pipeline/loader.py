@@ -18,7 +18,7 @@ import numpy as np
 
 from dali_pipeline._dali import require_dali
 from dali_pipeline.augment_graph import used_params
-from dali_pipeline.cached_reader import CachedPatchReader
+from dali_pipeline.cached_reader import CachedPatchReader, ChunkStore
 from dali_pipeline.feed import PlanFeed, StatelessPlanSource, source_names
 from dali_pipeline.meta import (
     INDEX_COLUMNS,
@@ -62,7 +62,8 @@ class TripletLoader:
     device (GPU `device_id`'s memory with cupy for "gpu", host memory for "cpu"); every patch is
     cropped from the cached chunks and, on a GPU, assembled and fed to DALI on a stream of the
     cache's own. `cache_bytes` is the whole budget there: `queue_bytes` first, the chunks get the
-    rest (`memory()` reports both).
+    rest (`memory()` reports both). A `ChunkStore` instead of a number shares one cache and one
+    budget between loaders of one device (each reserves its queue; `close()` gives it back).
     Batches equal the uncached loader's; `loader.reader.cache.stats` reports hits and evictions
     and `loader.reader.stats` the chunks actually decoded. 0 (the default) reads every patch
     through tensorstore; the cache needs `workers=0`.
@@ -85,7 +86,7 @@ class TripletLoader:
         budget_bytes: int | None = None,
         num_threads: int = 2,
         workers: int = 0,
-        cache_bytes: int = 0,
+        cache_bytes: int | ChunkStore = 0,
         **reader_options: Any,
     ) -> None:
         if sampler.index is not index:
@@ -122,24 +123,24 @@ class TripletLoader:
             pixel_source=device if cache_bytes else None,
         )
         reader_options = dict(reader_options, crop_yx=crop)
-        self.reader = (CachedPatchReader(index, cache_bytes=cache_bytes, device=device, device_id=device_id,
-                                         **reader_options)
-                       if cache_bytes else PatchReader(index, **reader_options))
+        if isinstance(cache_bytes, ChunkStore):
+            if (cache_bytes.device, cache_bytes.device_id) != (device, device_id):
+                raise ValueError(f"the chunk store lives on {cache_bytes.device} {cache_bytes.device_id}, this loader "
+                                 f"on {device} {device_id}: share a store only between loaders of one device")
+            store = cache_bytes
+        else:
+            store = ChunkStore(cache_bytes, device, device_id) if cache_bytes else None
+        self.store = store
+        self.reader = (CachedPatchReader(index, store=store, **reader_options) if store is not None
+                       else PatchReader(index, **reader_options))
         self.plan_for = sampler.plan if crop is None else CentreCrops(sampler.plan, index.read_shape[1:], crop)
         self.workers = workers
         self.params = used_params(sampler.augment)
         self.center = CenterSlices.build(index, z_reduction) if channelwise and not per_channel else None
         read, output = self._step_bytes()
         self.queue_bytes = (prefetch + 2) * read + prefetch * output  # arrays the feed keeps + DALI's outputs
-        self.cache_bytes = cache_bytes
-        if cache_bytes:  # one budget on the cache's device: the chunks get what the queue leaves
-            if cache_bytes <= self.queue_bytes:
-                raise ValueError(
-                    f"cache_bytes={cache_bytes:,} cannot hold the batches in flight: {self.queue_bytes:,} bytes "
-                    f"({prefetch + 2} steps of assembled patches + {prefetch} of DALI's outputs, batch "
-                    f"{sampler.batch_size}) come first on the {device.upper()} and the chunks get the rest; "
-                    "raise cache_bytes or lower prefetch or the batch size")
-            self.reader.cache.budget_bytes = cache_bytes - self.queue_bytes
+        if store is not None:  # one budget on the cache's device: the chunks get what the queues leave
+            store.reserve(self, self.queue_bytes)
         self.feed = PlanFeed(self.reader, self.plan_for, self.params, depth=read_ahead, keep=prefetch + 2,
                              center=self.center,
                              budget_bytes=None if budget_bytes is None else self._read_ahead_budget(budget_bytes, read, output))
@@ -172,18 +173,26 @@ class TripletLoader:
             )
         return budget_bytes - self.queue_bytes
 
+    def close(self) -> None:
+        """Give this loader's share of its chunk store back and drop its DALI pipeline."""
+        if self.store is not None:
+            self.store.release(self)
+        self._iterator, self._running = None, False
+
     def memory(self) -> dict[str, Any]:
         """Bytes the loader holds for patches on the cache's device, under `cache_bytes` (0 without a cache).
 
         `queue`: assembled patches the feed keeps for DALI plus DALI's float32 outputs (upper bounds);
-        `cache_budget` / `cache_used`: the chunk cache; `staging_host`: pinned host buffers of a GPU cache.
+        `other_queues`: those of other loaders sharing the store; `cache_budget` / `cache_used` /
+        `cache_peak`: the chunk cache; `staging_host`: pinned host buffers of a GPU cache.
         """
-        if not self.cache_bytes:
+        store = self.store
+        if store is None:
             return {"budget": 0, "queue": self.queue_bytes}
-        arrays = self.reader.arrays.stats()
-        return {"device": self.reader.device, "budget": self.cache_bytes, "queue": self.queue_bytes,
-                "cache_budget": self.reader.cache.budget_bytes, "cache_used": self.reader.cache.nbytes,
-                "cache_peak": self.reader.cache.stats.peak_bytes, "staging_host": arrays.get("pinned_bytes", 0)}
+        return {"device": store.device, "budget": store.budget_bytes, "queue": self.queue_bytes,
+                "other_queues": sum(store.reserved.values()) - self.queue_bytes,
+                "cache_budget": store.cache.budget_bytes, "cache_used": store.cache.nbytes,
+                "cache_peak": store.cache.stats.peak_bytes, "staging_host": store.arrays.stats().get("pinned_bytes", 0)}
 
     # ------------------------------------------------------------------ epochs and state
     @property

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from builders import expected_patches, make_experiment, track_rows, tracks_table, write_collection
 from fake_cupy import FakeCupy
 
 from dali_pipeline import PatchReader, kvstore_reads
-from dali_pipeline.cached_reader import CachedPatchReader
+from dali_pipeline.cached_reader import CachedPatchReader, ChunkStore
 from dali_pipeline.assembly import KERNEL_SOURCE, NX, NY, NZ, kernel_name, launch_shape, piece_table
 from dali_pipeline.chunk_cache import ChunkCache
 from dali_pipeline.device_arrays import device_arrays
@@ -84,7 +85,7 @@ def epoch_plans(index: LineageIndex, epoch: int = 0) -> list[BatchPlan]:
 
 def test_patches_equal_the_uncached_reader_and_numpy(index):
     plans = epoch_plans(index)
-    cached, plain = CachedPatchReader(index, cache_bytes=64 << 20), PatchReader(index)
+    cached, plain = CachedPatchReader(index, store=ChunkStore(64 << 20)), PatchReader(index)
     spans = 0
     for plan in plans:
         got, want = cached.read(plan), plain.read(plan)
@@ -102,7 +103,7 @@ def test_patches_equal_the_uncached_reader_and_numpy(index):
 
 def test_each_chunk_is_read_once_per_epoch_when_the_budget_holds_it(index):
     plans = epoch_plans(index, epoch=0)
-    reader = CachedPatchReader(index, cache_bytes=64 << 20)
+    reader = CachedPatchReader(index, store=ChunkStore(64 << 20))
     reader.read(plans[0])
     for fov in range(len(index.fovs)):  # open every store (metadata reads) before counting
         reader._raw_store(fov)
@@ -130,7 +131,7 @@ def test_each_chunk_is_read_once_per_epoch_when_the_budget_holds_it(index):
 def test_eviction_under_a_tiny_budget_stays_correct_and_within_budget(index):
     chunk = 2 * 16 * 16 * 2  # one uint16 chunk
     budget = 7 * chunk
-    reader = CachedPatchReader(index, cache_bytes=budget)
+    reader = CachedPatchReader(index, store=ChunkStore(budget))
     plain = PatchReader(index)
     peak = 0
     for plan in epoch_plans(index)[:6]:
@@ -145,7 +146,7 @@ def test_eviction_under_a_tiny_budget_stays_correct_and_within_budget(index):
 
 def test_evicted_buffers_are_reused_only_once_no_pending_plan_reads_them(index):
     chunk = 2 * 16 * 16 * 2
-    reader = CachedPatchReader(index, cache_bytes=11 * chunk)  # far below a step's chunks: constant eviction
+    reader = CachedPatchReader(index, store=ChunkStore(11 * chunk))  # far below a step's chunks: constant eviction
     plain = PatchReader(index)
     allocated, decoded = [], []
     for epochs in ((0, 1), (2, 3)):
@@ -160,12 +161,12 @@ def test_evicted_buffers_are_reused_only_once_no_pending_plan_reads_them(index):
     most = max(len(chunks_of(index, [plan])) for plan in plans)
     assert allocated[-1] <= 11 + 4 * most
     assert allocated[1] - allocated[0] < 0.1 * (decoded[1] - decoded[0])
-    assert not reader._pins and not reader._retired and reader.cache.nbytes <= 11 * chunk
+    assert not reader.store.pins and not reader.store.retired and reader.cache.nbytes <= 11 * chunk
 
 
 def test_read_ahead_shares_chunks_in_flight_between_plans(index):
     plan = epoch_plans(index)[0]
-    reader = CachedPatchReader(index, cache_bytes=64 << 20)
+    reader = CachedPatchReader(index, store=ChunkStore(64 << 20))
     first, second = reader.submit(plan), reader.submit(plan)  # the same chunks, both before any result
     a, b = first.result(), second.result()
     np.testing.assert_array_equal(a.anchor, b.anchor)
@@ -184,9 +185,9 @@ def test_a_corrupt_chunk_still_names_the_box_or_is_skipped(tmp_path):
     from dali_pipeline import PatchReadError
 
     with pytest.raises(PatchReadError, match=r"Experiment 'b', FOV A/1/0, t=3: anchor box"):
-        CachedPatchReader(index, cache_bytes=1 << 20).read(plan)
+        CachedPatchReader(index, store=ChunkStore(1 << 20)).read(plan)
     mixed = make_plan(index, np.concatenate([rows, np.flatnonzero(index.column("t") == 0)[:20]]), None, predict=True)
-    reader = CachedPatchReader(index, cache_bytes=1 << 20, on_read_error="skip", max_skip_fraction=0.5)
+    reader = CachedPatchReader(index, store=ChunkStore(1 << 20), on_read_error="skip", max_skip_fraction=0.5)
     got = reader.read(mixed)
     assert reader.stats.skipped == 2 and got.anchor.shape[0] == len(mixed)
 
@@ -278,7 +279,7 @@ def gpu(request, monkeypatch):
 
 def test_gpu_path_assembles_numpy_patches_with_one_launch_per_step_on_its_own_gpu_and_stream(index, gpu):
     cupy, device_id, fake = gpu
-    reader = CachedPatchReader(index, cache_bytes=64 << 20, device="gpu", device_id=device_id)
+    reader = CachedPatchReader(index, store=ChunkStore(64 << 20, "gpu", device_id))
     plans = epoch_plans(index, 0) + epoch_plans(index, 1)  # epoch 2 mostly from cached chunks
     for plan, got in zip(plans, reader.prefetch(plans, depth=2)):
         assert got.anchor.device.id == device_id and got.positive.device.id == device_id
@@ -303,7 +304,7 @@ def test_gpu_path_assembles_numpy_patches_with_one_launch_per_step_on_its_own_gp
 def test_gpu_staging_buffers_are_reused_only_after_their_upload(index, monkeypatch):
     fake = FakeCupy(events_complete=False)  # uploads stay in flight until an event is synchronized
     monkeypatch.setitem(sys.modules, "cupy", fake)
-    reader = CachedPatchReader(index, cache_bytes=64 << 20, device="gpu", device_id=0)
+    reader = CachedPatchReader(index, store=ChunkStore(64 << 20, "gpu", 0))
     plans = epoch_plans(index)
     requests = []  # staging buffers asked for per step: its new chunks, plus its piece table
     for step in range(3):
@@ -331,8 +332,8 @@ def test_gpu_fallback_reads_through_pinned_staging_and_still_names_the_box(tmp_p
     from dali_pipeline import PatchReadError
 
     with pytest.raises(PatchReadError, match=r"Experiment 'b', FOV A/1/0, t=3: anchor box"):
-        CachedPatchReader(index, cache_bytes=1 << 20, device="gpu", device_id=1).read(plan)
-    reader = CachedPatchReader(index, cache_bytes=1 << 20, device="gpu", device_id=1, on_read_error="skip",
+        CachedPatchReader(index, store=ChunkStore(1 << 20, "gpu", 1)).read(plan)
+    reader = CachedPatchReader(index, store=ChunkStore(1 << 20, "gpu", 1), on_read_error="skip",
                                max_skip_fraction=0.5)
     got = reader.read(plan)
     want = PatchReader(index, on_read_error="skip", max_skip_fraction=0.5).read(plan)
@@ -419,20 +420,77 @@ def test_loader_cache_budget_holds_the_queue_first(index):
         TripletLoader(index, TripletSampler(index, 8), device="cpu", cache_bytes=1000)
 
 
-def test_a_cached_reader_needs_a_budget_and_stays_in_its_process(index):
+def test_loaders_sharing_a_store_reserve_their_queues_from_one_budget(index):
+    pytest.importorskip("nvidia.dali")
+    from dali_pipeline.loader import TripletLoader
+
+    budget = 4 << 20
+    store = ChunkStore(budget)
+    train = TripletLoader(index, TripletSampler(index, 8), device="cpu", cache_bytes=store)
+    val = TripletLoader(index, TripletSampler(index, 4, seed=1), device="cpu", cache_bytes=store)
+    assert train.reader.cache is val.reader.cache
+    memory = val.memory()
+    assert memory["other_queues"] == train.queue_bytes
+    assert memory["cache_budget"] == budget - train.queue_bytes - val.queue_bytes == store.cache.budget_bytes
+    with pytest.raises(ValueError, match=rf"\+ {train.queue_bytes + val.queue_bytes:,} reserved by the other loaders"):
+        TripletLoader(index, TripletSampler(index, 16), device="cpu", cache_bytes=store)
+    val.close()
+    assert store.cache.budget_bytes == budget - train.queue_bytes
+    with pytest.raises(ValueError, match="share a store only between loaders of one device"):
+        TripletLoader(index, TripletSampler(index, 8), device="gpu", device_id=0, cache_bytes=store)
+
+
+def test_readers_of_two_indexes_of_one_collection_share_decoded_chunks(tmp_path):
+    """Keys name FOVs by URL: an index of the same collection with other FOV rows finds the first one's chunks."""
+    first_index = build(tmp_path, version="0.4", chunks=(1, 1, 2, 16, 16))
+    doc = yaml.safe_load((tmp_path / "collection.yml").read_text())
+    doc["experiments"].reverse()  # the same arrays under other FOV rows
+    (tmp_path / "reversed.yml").write_text(yaml.safe_dump(doc))
+    second_index = LineageIndex.build(ExperimentRegistry.from_yaml(tmp_path / "reversed.yml", z_window=3),
+                                      IndexConfig(patch_yx=(32, 32)), progress=False)
+    assert first_index.fovs.url.tolist() != second_index.fovs.url.tolist()
+
+    def by_url(index, plans):
+        return {(index.fovs.url.iloc[k[0]], *k[1:]) for k in chunks_of(index, plans)}
+
+    store = ChunkStore(64 << 20)
+    first, second = CachedPatchReader(first_index, store=store), CachedPatchReader(second_index, store=store)
+    plans = [epoch_plans(first_index), epoch_plans(second_index)]
+    for reader, index, mine in ((first, first_index, plans[0]), (second, second_index, plans[1])):
+        for plan, got in zip(mine, reader.prefetch(mine, depth=2)):
+            np.testing.assert_array_equal(got.anchor, expected_patches(index, plan.anchor_boxes))
+            np.testing.assert_array_equal(got.positive, expected_patches(index, plan.positive_boxes))
+    new = by_url(second_index, plans[1]) - by_url(first_index, plans[0])
+    assert second.stats.chunks_decoded == len(new) < len(by_url(second_index, plans[1]))
+
+
+def test_readers_sharing_a_tiny_store_never_recycle_a_chunk_the_other_still_reads(index):
+    chunk = 2 * 16 * 16 * 2
+    store = ChunkStore(11 * chunk)  # constant eviction across both readers
+    readers = [CachedPatchReader(index, store=store), CachedPatchReader(index, store=store)]
+    plans = [epoch_plans(index, 0), epoch_plans(index, 1)]
+    streams = [r.prefetch(p, depth=3) for r, p in zip(readers, plans)]
+    for step in range(min(map(len, plans))):
+        for k in (0, 1):
+            got = next(streams[k])
+            np.testing.assert_array_equal(got.anchor, expected_patches(index, plans[k][step].anchor_boxes))
+            np.testing.assert_array_equal(got.positive, expected_patches(index, plans[k][step].positive_boxes))
+
+
+def test_a_chunk_store_needs_a_budget_and_a_cached_reader_stays_in_its_process(index):
     import pickle
 
-    with pytest.raises(ValueError, match="cache_bytes must be > 0"):
-        CachedPatchReader(index, cache_bytes=0)
+    with pytest.raises(ValueError, match="budget > 0"):
+        ChunkStore(0)
     with pytest.raises(TypeError, match="lives in one process"):
-        pickle.dumps(CachedPatchReader(index, cache_bytes=1 << 20))
+        pickle.dumps(CachedPatchReader(index, store=ChunkStore(1 << 20)))
 
 
 def test_a_chunk_refetched_after_a_failed_plan_is_not_dropped_by_an_older_fetch(index, monkeypatch):
     """Plan A fails on one chunk and forgets its unfinished reads; plan C reads one of them again;
     plan B, which shares A's original read of it, must not drop C's read from the in-flight table."""
     plan = epoch_plans(index)[0]
-    reader = CachedPatchReader(index, cache_bytes=64 << 20)
+    reader = CachedPatchReader(index, store=ChunkStore(64 << 20))
     first, second = reader.submit(plan), reader.submit(plan)  # B shares A's reads
     fetches = [f for f in first.held if f is not None and f.chunk is None]
     broken, shared = fetches[0], fetches[1]
@@ -443,12 +501,12 @@ def test_a_chunk_refetched_after_a_failed_plan_is_not_dropped_by_an_older_fetch(
 
     broken.future = Failed()
     first.result()  # falls back to the uncached path and forgets its unfinished reads
-    assert shared.key not in reader._inflight
+    assert shared.key not in reader.store.inflight
     third = reader.submit(plan)  # reads the forgotten chunks again
-    again = reader._inflight[shared.key]
+    again = reader.store.inflight[shared.key]
     assert again is not shared
     reader._resolve(shared)  # B's copy of the shared read finishes after C issued its own
-    assert reader._inflight.get(shared.key) is again  # C's read is still in flight
+    assert reader.store.inflight.get(shared.key) is again  # C's read is still in flight
     want = expected_patches(index, plan.anchor_boxes)
     np.testing.assert_array_equal(second.result().anchor, want)  # B holds the broken read too: falls back
     np.testing.assert_array_equal(third.result().anchor, want)

@@ -161,6 +161,26 @@ def test_loaders_expose_the_sampler_lightning_calls_set_epoch_on(demo):
     assert passes[0] == passes[1]
 
 
+def test_the_loaders_of_a_module_share_one_chunk_cache_and_budget(demo):
+    dm = datamodule(demo, cache_bytes=64 << 20)
+    dm.setup("fit")
+    train, val = dm.train_dataloader().loader, dm.val_dataloader().loader
+    store = train.store
+    assert store is val.store and store.reserved == {id(train): train.queue_bytes, id(val): val.queue_bytes}
+    assert store.cache.budget_bytes == (64 << 20) - train.queue_bytes - val.queue_bytes
+    for _ in train:  # one training epoch fills the cache with the training FOVs' chunks
+        pass
+    dm.setup("predict")
+    predict = dm.predict_dataloader().loader
+    assert predict.store is store
+    got = [b["anchor"].numpy().copy() for b in predict]
+    want = [b["anchor"].numpy() for b in datamodule(demo).predict_dataloader()]
+    assert len(got) == len(want) and all(np.array_equal(g, w) for g, w in zip(got, want))
+    assert 0 < predict.reader.stats.chunks_decoded < len(store.cache)  # the training FOVs' chunks were there
+    dm.teardown("fit")
+    assert store.reserved == {id(predict): predict.queue_bytes}
+
+
 def test_validation_is_unaugmented_by_default_and_the_same_every_pass_when_augmented(demo):
     from sampler.augment import AugmentConfig, Flip, Noise
 

@@ -94,12 +94,12 @@ def test_the_gpu_cache_assembles_boxes_of_several_sizes_in_one_launch(index, mon
     from fake_cupy import FakeCupy
 
     from dali_pipeline import PatchReader
-    from dali_pipeline.cached_reader import CachedPatchReader
+    from dali_pipeline.cached_reader import CachedPatchReader, ChunkStore
 
     fake = FakeCupy()
     monkeypatch.setitem(sys.modules, "cupy", fake)
     sampler = TripletSampler(index, 8, seed=4)
-    reader = CachedPatchReader(index, cache_bytes=16 << 20, device="gpu", device_id=1)
+    reader = CachedPatchReader(index, store=ChunkStore(16 << 20, "gpu", 1))
     plain = PatchReader(index)
     for step in range(len(sampler)):
         plan = sampler.plan(step, 0)
