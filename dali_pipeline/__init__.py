@@ -9,6 +9,7 @@ load on first use, so `import dali_pipeline` needs neither Lightning nor AnnData
 from importlib import import_module
 from typing import Any
 
+from dali_pipeline.cached_reader import ChunkStore
 from dali_pipeline.loader import TripletLoader
 from dali_pipeline.pipeline import GraphSpec, build_pipeline
 from dali_pipeline.reader import PatchReader, PatchReadError, Patches, ReadStats, kvstore_reads
@@ -41,6 +42,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "GraphSpec", "MultiExperimentTripletDataset", "TripletLoader", "build_pipeline", "PatchReader", "PatchReadError", "Patches", "ReadStats", "identity_collate",
+    "ChunkStore", "GraphSpec", "MultiExperimentTripletDataset", "TripletLoader", "build_pipeline", "PatchReader", "PatchReadError", "Patches", "ReadStats", "identity_collate",
     "kvstore_reads", *_LAZY,
 ]
