@@ -18,7 +18,7 @@ import pandas as pd
 from sampler.atomic import atomic_output
 from sampler.lineage import LineageCycleError, build_forest
 from sampler.norm import fov_norm_table
-from sampler.plate import read_fovs
+from sampler.plate import check_channel_count, read_fovs
 from sampler.registry import ExperimentRegistry
 from sampler.tau import tau_weight_table
 from sampler.tracks import read_tracks
@@ -204,6 +204,7 @@ class LineageIndex:
                         f"Experiment '{exp.name}', FOV {fov.name}: channel names {fov.channel_names} differ "
                         f"from the plate's first FOV {registry.zarr_channels[exp.name]}"
                     )
+                check_channel_count(exp.name, fov)
                 T, C, Z, Y, X = fov.array.shape
                 if box_z0 < 0 or Z < box_z0 + box_z:
                     raise ValueError(
