@@ -4,7 +4,9 @@ One definition for both devices: on "gpu" the patches go `.gpu()` once, right af
 (then, when experiments have different pixel sizes, each read box is resampled to the common size);
 argument inputs (normalization terms, ids) stay CPU nodes. The deterministic reshaping ops come
 first (centre crop, Z reduction: both commute with a positive-divisor normalization and shrink
-the work), then cast and `(x - sub) / (div + 1e-8)`.
+the work), then cast and `(x - sub) / (div + 1e-8)`. Patches arrive in the batch dtype; bool,
+64-bit and float16/64 ones are cast to float32 on the device first (`OPS_DTYPES`). NaN propagates
+through every reduction and normalization as in numpy (`_max_z`).
 """
 
 from __future__ import annotations
@@ -80,48 +82,77 @@ class GraphSpec:
         return (z, y, x)
 
 
+#: storage dtypes the graph's pixel ops (slice, cat, max reduction, normalize) take as they are;
+#: the others (bool, 64-bit integers, float16, float64) travel to the device as stored and are cast
+#: to float32 there first (DALI's reductions and normalize do not take them)
+OPS_DTYPES = frozenset(np.dtype(d) for d in (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32,
+                                             np.float32))
+#: storage dtypes fn.tensor_resize (pixel-size resampling) takes as they are
+RESIZE_DTYPES = frozenset(np.dtype(d) for d in (np.uint8, np.uint16, np.int16, np.float32))
+
+
 def _dali_dtype(dtype: np.dtype):
+    """The DALI type of a batch dtype (every dtype `sampler.index.PIXEL_DTYPES` lists)."""
     types = require_dali().types
-    table = {np.uint8: types.UINT8, np.uint16: types.UINT16, np.int16: types.INT16, np.int32: types.INT32,
-             np.float32: types.FLOAT, np.uint32: types.UINT32}
+    table = {np.bool_: types.BOOL, np.int8: types.INT8, np.uint8: types.UINT8, np.int16: types.INT16,
+             np.uint16: types.UINT16, np.int32: types.INT32, np.uint32: types.UINT32, np.int64: types.INT64,
+             np.uint64: types.UINT64, np.float16: types.FLOAT16, np.float32: types.FLOAT,
+             np.float64: types.FLOAT64}
     try:
         return table[np.dtype(dtype).type]
     except KeyError:
-        raise ValueError(f"no DALI type for storage dtype {dtype}") from None
+        raise ValueError(f"no DALI type for the batch dtype {dtype}; supported: bool and every integer "
+                         "and float type up to 64 bits") from None
 
 
-def _reduce_z(x, mode: str, z: int):
-    fn = require_dali().fn
-    return fn.reductions.max(x, axes=[1], keep_dims=True) if mode == "max" else x[:, z // 2 : z // 2 + 1]
+def _max_z(x, is_float: bool):
+    """Max projection over Z that propagates NaN like `np.max`.
+
+    DALI's max reduction skips NaN (a Z column of NaN gives the lowest float): for float input a
+    per-column NaN flag (a uint8 max of `x != x`) puts it back, `max + sqrt(-flag)` being the max
+    where the flag is 0 and NaN where it is 1.
+    """
+    dali = require_dali()
+    fn, types = dali.fn, dali.types
+    top = fn.reductions.max(x, axes=[1], keep_dims=True)
+    if not is_float:
+        return top
+    flag = fn.reductions.max(fn.cast(x != x, dtype=types.UINT8), axes=[1], keep_dims=True)
+    return top + dali.math.sqrt(-fn.cast(flag, dtype=types.FLOAT))
 
 
-def _channelwise(x, spec: GraphSpec, zcenter, z: int):
+def _reduce_z(x, mode: str, z: int, is_float: bool):
+    return _max_z(x, is_float) if mode == "max" else x[:, z // 2 : z // 2 + 1]
+
+
+def _channelwise(x, spec: GraphSpec, zcenter, z: int, is_float: bool):
     """Per channel the centre slice or the max projection, each output value computed by one of them."""
     fn = require_dali().fn
     if spec.channel_modes is None:  # bag of channels: the sample's label picks from [max, centre]
-        both = fn.cat(_reduce_z(x, "max", z), _reduce_z(x, "center", z), axis=1)
+        both = fn.cat(_reduce_z(x, "max", z, is_float), _reduce_z(x, "center", z, is_float), axis=1)
         return both[:, zcenter : zcenter + 1]
     if len(set(spec.channel_modes)) == 1:
-        return _reduce_z(x, spec.channel_modes[0], z)
+        return _reduce_z(x, spec.channel_modes[0], z, is_float)
     parts, start = [], 0
     for mode, run in groupby(spec.channel_modes):  # consecutive channels of one mode reduce together
         n = len(list(run))
-        parts.append(_reduce_z(x[start : start + n], mode, z))
+        parts.append(_reduce_z(x[start : start + n], mode, z, is_float))
         start += n
     return fn.cat(*parts, axis=0)
 
 
-def _reshape(x, spec: GraphSpec, zcenter=None):
-    """Centre crop and Z reduction of a (C, Z, Y, X) node (`zcenter`: bag mode's per-sample channelwise pick)."""
+def _reshape(x, spec: GraphSpec, is_float: bool, zcenter=None):
+    """Centre crop and Z reduction of a (C, Z, Y, X) node (`is_float`: its dtype is a float one;
+    `zcenter`: bag mode's per-sample channelwise pick)."""
     z, y, x_size = spec.augmented_shape
     if spec.final_patch is not None:
         fy, fx = spec.final_patch
         y0, x0 = (y - fy) // 2, (x_size - fx) // 2
         x = x[:, :, y0 : y0 + fy, x0 : x0 + fx]
     if spec.z_reduction in ("max", "center"):
-        x = _reduce_z(x, spec.z_reduction, z)
+        x = _reduce_z(x, spec.z_reduction, z, is_float)
     elif spec.z_reduction == "channelwise":
-        x = _channelwise(x, spec, zcenter, z)
+        x = _channelwise(x, spec, zcenter, z, is_float)
     return x
 
 
@@ -191,18 +222,23 @@ def build_pipeline(source, names: list[str], spec: GraphSpec, *, batch_size: int
             x = by_name[role]
             if spec.device == "gpu" and spec.pixel_source != "gpu":
                 x = x.gpu()
+            x_dtype = np.dtype(spec.storage_dtype)  # of the node x, as the ops below change it
+            if x_dtype not in OPS_DTYPES or (spec.resample and x_dtype not in RESIZE_DTYPES):
+                x = fn.cast(x, dtype=types.FLOAT)  # on the device: the ops after take float32
+                x_dtype = np.dtype(np.float32)
             if spec.resample:  # linear, per sample; an unscaled box passes unchanged
                 x = fn.tensor_resize(x, sizes=list(spec.read_shape), axes=[1, 2, 3], interp_type=types.INTERP_LINEAR,
                                      antialias=False, dtype=types.FLOAT)
+                x_dtype = np.dtype(np.float32)
             sub, div = by_name[f"{role}_sub"], by_name[f"{role}_div"]
             zcenter = by_name.get(f"{role}_zcenter")
-            is_float = spec.resample or np.dtype(spec.storage_dtype) == np.float32
+            is_float = x_dtype == np.float32
             if spec.augment is None:  # reshaping first: it commutes with normalization and shrinks the work
-                outputs.append(_normalize(_reshape(x, spec, zcenter), sub, div, spec, is_float))
+                outputs.append(_normalize(_reshape(x, spec, is_float, zcenter), sub, div, spec, is_float))
             else:  # augmentations see the whole normalized read box, as the reference's
                 params = {key: by_name[f"{role}_{key}"] for key in used_params(spec.augment)}
                 x = augment(_normalize(x, sub, div, spec, is_float), params, spec.augment)
-                outputs.append(_reshape(x, spec, zcenter))
+                outputs.append(_reshape(x, spec, True, zcenter))
         outputs.append(by_name["ids"])
         if not spec.normalize:
             for role in ("anchor", "positive") if spec.fit else ("anchor",):

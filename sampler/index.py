@@ -18,7 +18,7 @@ import pandas as pd
 from sampler.atomic import atomic_output
 from sampler.lineage import LineageCycleError, build_forest
 from sampler.norm import fov_norm_table
-from sampler.plate import read_fovs
+from sampler.plate import check_channel_count, read_fovs
 from sampler.registry import ExperimentRegistry
 from sampler.tau import tau_weight_table
 from sampler.tracks import read_tracks
@@ -66,11 +66,49 @@ class IndexConfig:
         return self.max_border_shift
 
 
-def _batch_dtype(dtypes: list[np.dtype]) -> np.dtype:
-    """One dtype for every batch: any float -> float32, else the widest integer type."""
-    if any(np.issubdtype(d, np.floating) for d in dtypes):
-        return np.dtype(np.float32)
-    return np.result_type(*dtypes)
+#: storage dtypes a plate may have: bool and every numeric type (complex is not a pixel type)
+PIXEL_DTYPES = tuple(np.dtype(d) for d in (
+    np.bool_, np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64,
+    np.float16, np.float32, np.float64))
+
+
+def _holds_exactly(wide: np.dtype, narrow: np.dtype) -> bool:
+    """Whether every value of `narrow` is a value of `wide` (no wrap, no rounding)."""
+    if narrow == wide or narrow == np.bool_:
+        return True
+    if np.issubdtype(wide, np.integer):
+        if not np.issubdtype(narrow, np.integer):
+            return False
+        a, b = np.iinfo(wide), np.iinfo(narrow)
+        return a.min <= b.min and b.max <= a.max
+    if np.issubdtype(narrow, np.floating):
+        return np.finfo(narrow).nmant <= np.finfo(wide).nmant and np.finfo(narrow).maxexp <= np.finfo(wide).maxexp
+    info = np.iinfo(narrow)  # an integer type in a float: its magnitude bits within the significand
+    return info.bits - (info.min < 0) <= np.finfo(wide).nmant + 1
+
+
+def _batch_dtype(dtypes: list[np.dtype], names: list[str] | None = None) -> np.dtype:
+    """The one dtype every batch is read in: the narrowest that holds each storage dtype exactly.
+
+    numpy's promotion (uint16 + int8 -> int32, int16 + float16 -> float32, int32 + float32 ->
+    float64, bool + anything -> the other); a mix no type holds exactly (uint64 with a signed
+    type, 64-bit integers with floats) is refused, naming the experiments (`names`) and dtypes.
+    """
+    names = names or [f"#{i}" for i in range(len(dtypes))]
+    for name, d in zip(names, dtypes):
+        if d not in PIXEL_DTYPES:
+            raise ValueError(f"Experiment '{name}': storage dtype {d} is not a pixel type; supported: "
+                             f"{', '.join(t.name for t in PIXEL_DTYPES)}")
+    wide = np.result_type(*dtypes)
+    lossy = [f"'{n}' ({d})" for n, d in zip(names, dtypes) if not _holds_exactly(wide, d)]
+    if lossy:
+        stored = ", ".join(f"'{n}' ({d})" for n, d in zip(names, dtypes))
+        raise ValueError(
+            f"Experiments {stored}: no dtype holds all of their pixels exactly ({', '.join(lossy)} would "
+            f"be rounded or wrapped in {wide}); index them in separate collections or rewrite them "
+            "in a common dtype"
+        )
+    return wide
 
 
 class LineageIndex:
@@ -166,6 +204,7 @@ class LineageIndex:
                         f"Experiment '{exp.name}', FOV {fov.name}: channel names {fov.channel_names} differ "
                         f"from the plate's first FOV {registry.zarr_channels[exp.name]}"
                     )
+                check_channel_count(exp.name, fov)
                 T, C, Z, Y, X = fov.array.shape
                 if box_z0 < 0 or Z < box_z0 + box_z:
                     raise ValueError(
@@ -200,6 +239,7 @@ class LineageIndex:
                 fov_attrs.append(fov.attrs)
                 fov_label_ok.append(ok)
         experiments = pd.DataFrame(exp_rows)
+        _batch_dtype([np.dtype(d) for d in experiments.storage_dtype], experiments.name.tolist())  # refuse early
         fovs = pd.DataFrame(fov_rows)
         if fovs.empty:
             raise ValueError("No FOVs selected in any experiment: check perturbation_wells and include/exclude lists")
@@ -368,7 +408,8 @@ class LineageIndex:
 
     @property
     def batch_dtype(self) -> np.dtype:
-        return _batch_dtype([np.dtype(d) for d in self.experiments.storage_dtype])
+        """The dtype patches are read in: each experiment's storage dtype promoted exactly (see `_batch_dtype`)."""
+        return _batch_dtype([np.dtype(d) for d in self.experiments.storage_dtype], self.experiments.name.tolist())
 
     def channel_indices(self, rows: np.ndarray) -> np.ndarray:
         """(B, C) zarr channel indices of rows, in canonical order."""

@@ -135,6 +135,23 @@ def read_fov(plate: PlateMeta, name: str) -> FovMeta:
     return FovMeta(name=name, url=url, attrs=attrs, array=array)
 
 
+def check_channel_count(experiment: str, fov: FovMeta) -> None:
+    """Refuse an FOV whose OMERO channel list does not match its array's C axis.
+
+    A channel name resolved to an index >= C would read outside the array (as zeros or the fill
+    value), and a shorter list leaves channels unnamed: either way the names cannot be trusted.
+    """
+    names, c = fov.channel_names, fov.array.shape[1]
+    if len(names) != c:
+        beyond = [f"'{n}' (index {i})" for i, n in enumerate(names) if i >= c]
+        detail = f"channels {', '.join(beyond)} are beyond the array" if beyond else "some channels have no name"
+        raise ValueError(
+            f"Experiment '{experiment}', FOV {fov.name}: the OMERO metadata names {len(names)} channels "
+            f"{names} but the array {fov.array.url} has C={c}; {detail}. Fix omero.channels in the FOV's "
+            "attributes (zarr.json or .zattrs) to list exactly the array's channels, in order"
+        )
+
+
 def read_fovs(plate: PlateMeta, names: list[str], threads: int = 16) -> list[FovMeta]:
     """`read_fov` for many FOVs, concurrently (remote stores answer slowly, one JSON at a time)."""
     with ThreadPoolExecutor(max_workers=threads) as pool:

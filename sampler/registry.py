@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from sampler.kvstore import is_local, local_path, to_url
-from sampler.plate import FovMeta, PlateMeta, read_fov, read_plate
+from sampler.plate import FovMeta, PlateMeta, check_channel_count, read_fov, read_plate
 
 
 @dataclass(frozen=True)
@@ -269,6 +269,7 @@ class ExperimentRegistry:
             raise ValueError(
                 f"Experiment '{name}': channels {missing} not found in zarr. Available: {zarr_channels}."
             )
+        check_channel_count(name, fov)
         self.plates[name] = plate
         self.first_fovs[name] = fov
         self.zarr_channels[name] = zarr_channels

@@ -69,11 +69,16 @@ def make_experiment(
     plate_attrs: dict[str, Any] | None = None,
     chunks: tuple[int, ...] | None = None,
     shards: tuple[int, ...] | None = None,
+    data: dict[str, np.ndarray] | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """Write a plate with one FOV per key of `tracks` and its CSVs; return the YAML entry."""
-    fovs = {f: pixels(name, f, (n_t, len(channel_names), *shape), dtype) for f in tracks}
-    attrs = {f: norm_attrs(channel_names, n_t) for f in fovs} if with_norm else None
+    """Write a plate with one FOV per key of `tracks` and its CSVs; return the YAML entry.
+
+    `data` gives FOVs' TCZYX arrays to write instead of `pixels(...)` (their shape and dtype win).
+    """
+    fovs = {f: pixels(name, f, (n_t, len(channel_names), *shape), dtype) if data is None or f not in data
+            else data[f] for f in tracks}
+    attrs = {f: norm_attrs(channel_names, a.shape[0]) for f, a in fovs.items()} if with_norm else None
     data_path = root / f"{name}.zarr"
     write_plate(data_path, fovs, channel_names, version=version, fov_attrs=attrs, plate_attrs=plate_attrs,
                 chunks=chunks, shards=shards)

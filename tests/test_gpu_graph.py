@@ -29,6 +29,7 @@ from sampler.augment import (
     Noise,
     Smooth,
 )
+from sampler.index import PIXEL_DTYPES
 
 dali = pytest.importorskip("nvidia.dali")
 GPU_KERNELS = frozenset(dali.backend.RegisteredGPUOps())
@@ -84,7 +85,7 @@ VARIANTS = {
     "preset-3d-pixels-cpu-raw": dict(PRESET_3D, pixel_source="cpu", normalize=False),
 }
 
-DTYPES = [np.uint8, np.uint16, np.int16, np.int32, np.uint32, np.float32]
+DTYPES = PIXEL_DTYPES  # every storage dtype an index accepts
 
 
 def build(spec: GraphSpec) -> tuple[Any, dict[Any, str]]:
@@ -170,11 +171,12 @@ def test_gpu_graph_variant_runs_pixels_on_gpu_kernels_only(options):
     assert_gpu_graph(replace(BASE, **options))
 
 
+@pytest.mark.parametrize("resample", [False, True], ids=["", "resampled"])
 @pytest.mark.parametrize("normalize", [True, False], ids=["normalize", "raw"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=[np.dtype(d).name for d in DTYPES])
-def test_gpu_graph_storage_dtype(dtype, normalize):
+def test_gpu_graph_storage_dtype(dtype, normalize, resample):
     assert_gpu_graph(replace(BASE, storage_dtype=np.dtype(dtype), normalize=normalize, z_reduction="max",
-                             final_patch=(24, 24)))
+                             resample=resample, final_patch=(24, 24)))
 
 
 @pytest.mark.parametrize("pixel_source", ["gpu", "cpu", None])
@@ -206,7 +208,7 @@ def test_the_check_flags_a_gpu_op_without_a_gpu_kernel(monkeypatch):
     import dali_pipeline.pipeline as pipeline
 
     assert "ZerosLike" not in GPU_KERNELS
-    monkeypatch.setattr(pipeline, "_reduce_z", lambda x, mode, z: dali.fn.zeros_like(x, device="gpu"))
+    monkeypatch.setattr(pipeline, "_reduce_z", lambda x, mode, z, is_float: dali.fn.zeros_like(x, device="gpu"))
     pipe, sources = build(replace(BASE, z_reduction="max"))
     problems = gpu_problems(pipe, {op for op, output in sources.items() if output in PIXELS}, 2)
     assert len(problems) == 2 and all(p.startswith("ZerosLike") and "no GPU kernel" in p for p in problems)

@@ -74,6 +74,7 @@ def _array_spec(
     # no fsync per chunk: atomicity comes from the final rename, and syncing every small chunk is slow
     url = {"driver": "file", "path": str(folder), "file_io_sync": False}
     blosc = {"cname": "zstd", "clevel": 1}
+    fill: bool | int = False if dtype == np.bool_ else 0  # zarr's JSON fill value has the array's type
     if version == "0.4":
         return {
             "driver": "zarr",
@@ -81,7 +82,7 @@ def _array_spec(
             "metadata": {
                 "shape": list(shape), "chunks": list(chunks), "dtype": dtype.str,
                 "compressor": {"id": "blosc", "shuffle": 2, **blosc}, "dimension_separator": "/",
-                "fill_value": 0, "order": "C",
+                "fill_value": fill, "order": "C",
             },
             "create": True,
         }
@@ -104,7 +105,7 @@ def _array_spec(
         "metadata": {
             "shape": list(shape), "data_type": dtype.name,
             "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(grid)}},
-            "chunk_key_encoding": {"name": "default"}, "codecs": codecs, "fill_value": 0,
+            "chunk_key_encoding": {"name": "default"}, "codecs": codecs, "fill_value": fill,
             "dimension_names": [a["name"] for a in AXES],
         },
         "create": True,
