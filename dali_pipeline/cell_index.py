@@ -28,6 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from sampler.atomic import CSV_LINEAGE_DIFFERENCES, IMPORTED_YAML, check_target, write_marker
+
 #: the reference's `viscy_data.cell_index.CELL_INDEX_SCHEMA`, columns in order
 CELL_INDEX_SCHEMA = pa.schema([
     ("cell_id", pa.string()), ("experiment", pa.string()), ("store_path", pa.string()),
@@ -225,7 +227,8 @@ def import_cell_index(
 ) -> ImportReport:
     """Write a collection YAML and tracks CSVs from a reference cell-index parquet; compare lineages.
 
-    Refuses existing outputs unless `overwrite`. When our recomputed lineage ids differ from the
+    Refuses existing outputs unless `overwrite`, and then replaces only a YAML and a tracks folder
+    that this command wrote (its header line; the folder's marker). When our recomputed lineage ids differ from the
     parquet's, raises ValueError (nothing installed, differences CSV written) unless
     `allow_differences`.
     """
@@ -235,9 +238,9 @@ def import_cell_index(
     stem = out_yaml.stem
     tracks_dir = out_yaml.with_name(f"{stem}_tracks")
     diff_path = out_yaml.with_name(f"{stem}_lineage_differences.csv")
-    for target in (out_yaml, tracks_dir):
-        if os.path.lexists(target) and not overwrite:
-            raise FileExistsError(f"{target} exists; pass --overwrite to replace it")
+    check_target(out_yaml, overwrite, IMPORTED_YAML, flag="--overwrite")
+    check_target(tracks_dir, overwrite, None, flag="--overwrite")
+    check_target(diff_path, True, CSV_LINEAGE_DIFFERENCES, flag="a rerun")  # an earlier report is replaced
     df = read_cell_index(parquet)
 
     obs = df.drop_duplicates(["experiment", "fov_name", "track_id", "t"], keep="first")
@@ -261,6 +264,8 @@ def import_cell_index(
                                   tracks=int(e_obs.drop_duplicates(["fov_name", "track_id"]).shape[0]),
                                   observations=len(e_obs), channels=entry["channels"],
                                   interval_minutes=entry["interval_minutes"]))
+        (tmp / tracks_dir.name).mkdir(exist_ok=True)
+        write_marker(tmp / tracks_dir.name, "import-cell-index")  # a later --overwrite may replace it
         doc = dict(name=stem, channels=all_labels, experiments=experiments)
         tmp_yaml = tmp / out_yaml.name
         with open(tmp_yaml, "w") as f:
@@ -283,6 +288,7 @@ def import_cell_index(
         if len(differences):
             tmp_diff = tmp / diff_path.name
             differences.to_csv(tmp_diff, index=False, lineterminator="\n")
+            check_target(diff_path, True, CSV_LINEAGE_DIFFERENCES, flag="a rerun")
             os.replace(tmp_diff, diff_path)
             if not allow_differences:
                 first = differences.iloc[0]
@@ -294,11 +300,14 @@ def import_cell_index(
                     "parent_track_id in the parquet (a parent filtered out makes its daughters roots), or pass "
                     "--allow-lineage-differences to keep the collection anyway"
                 )
-        elif diff_path.exists():
+        elif os.path.lexists(diff_path):
+            check_target(diff_path, True, CSV_LINEAGE_DIFFERENCES, flag="a rerun")
             diff_path.unlink()  # a report of an earlier run: no longer true
-        # install: the tracks folder, then the YAML that points at it
+        # install: the tracks folder, then the YAML that points at it (checked again: they may have changed)
+        check_target(out_yaml, overwrite, IMPORTED_YAML, flag="--overwrite")
+        check_target(tracks_dir, overwrite, None, flag="--overwrite")
         if os.path.lexists(tracks_dir):
-            shutil.rmtree(tracks_dir)
+            os.rename(tracks_dir, tmp / ".old_tracks")  # removed with the temporary folder
         os.rename(tmp / tracks_dir.name, tracks_dir)
         os.chmod(tmp_yaml, 0o644)
         os.replace(tmp_yaml, out_yaml)

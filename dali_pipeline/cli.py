@@ -18,18 +18,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
 import yaml
 
-from sampler.atomic import atomic_output
+from sampler.atomic import JSON_REPORT, PNG, INDEX_NPZ, FileKind, atomic_output, check_target
 from sampler import ExperimentRegistry, IndexConfig, LineageIndex
 
 PROG = "dynaclr-dali"
@@ -130,15 +132,17 @@ def load_registry(path: Path, z_window: int | None = None) -> ExperimentRegistry
         raise UsageError(f"{path}: {_with_hint(_one_line(err))}") from None
 
 
-def check_outputs(paths: list[Path | str], overwrite: bool) -> None:
-    """Refuse existing outputs unless --overwrite."""
-    for p in paths:
-        if os.path.lexists(p) and not overwrite:
-            raise UsageError(f"{p} exists; pass --overwrite to replace it")
+def check_outputs(outputs: Sequence[tuple[Path | str, FileKind | None]], overwrite: bool) -> None:
+    """Refuse existing outputs before any work: unless --overwrite, and even then what this tool did not write.
+
+    Each output is (path, kind): a file of `kind`, or a folder (None) that must carry the marker.
+    """
+    for path, kind in outputs:
+        check_target(path, overwrite, kind, flag="--overwrite")
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    with atomic_output(path, overwrite=True) as tmp, open(tmp, "w") as f:
+def _atomic_text(path: Path, text: str, overwrite: bool) -> None:
+    with atomic_output(path, overwrite, kind=JSON_REPORT) as tmp, open(tmp, "w") as f:
         f.write(text)
 
 
@@ -184,11 +188,8 @@ def _device(choice: str) -> str:
 def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     outputs = {name: out / name for name in ("pairs.png", "loss.png", "summary.json")}
-    check_outputs(list(outputs.values()), args.overwrite)
-    if args.steps < 1 or args.batch_size < 2:
-        raise UsageError(f"--steps must be >= 1 and --batch-size >= 2, got {args.steps} and {args.batch_size}")
-    if args.locality_frames is not None and args.locality_frames < 1:
-        raise UsageError(f"--locality-frames must be >= 1, got {args.locality_frames}")
+    check_outputs([(path, JSON_REPORT if name.endswith(".json") else PNG) for name, path in outputs.items()],
+                  args.overwrite)
     import torch
 
     from dali_pipeline.demo import SmallEncoder, to_images, train
@@ -230,9 +231,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     positive = to_images(batch["positive"]).cpu().numpy()[chosen]
     save_png(pairs_figure(anchor, positive, [labels[i] for i in chosen], index.labels,
                           f"demo: anchor/positive pairs of the last step (batch of {args.batch_size}, "
-                          f"Z reduction {loader.spec.z_reduction}, normalized)"), outputs["pairs.png"])
+                          f"Z reduction {loader.spec.z_reduction}, normalized)"), outputs["pairs.png"], args.overwrite)
     save_png(loss_figure(result.losses, f"demo: NT-Xent loss, {args.steps} steps of {args.batch_size} pairs "
-                                        f"({start:.2f} -> {end:.2f})"), outputs["loss.png"])
+                                        f"({start:.2f} -> {end:.2f})"), outputs["loss.png"], args.overwrite)
 
     manifest_path = collection.parent / "manifest.json"
     on_disk = json.loads(manifest_path.read_text()).get("bytes_on_disk") if manifest_path.exists() else None
@@ -249,7 +250,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         loss_start=start, loss_end=end, losses=result.losses,
         chunk_cache=loader.reader.cache.stats.as_dict() if args.cache_mb else None,
     )
-    _atomic_text(outputs["summary.json"], json.dumps(report, indent=1) + "\n")
+    _atomic_text(outputs["summary.json"], json.dumps(report, indent=1) + "\n", args.overwrite)
     size = f", {on_disk / 1e6:.1f} MB on disk" if on_disk else ""
     print(f"data        {collection}: {len(index.experiments)} experiments, {len(index.fovs)} FOVs, "
           f"{int(summary.tracks.sum())} tracks, {report['divisions']} divisions{size} (ready in {t_data:.1f} s)")
@@ -287,7 +288,7 @@ def _split_fov(spec: str, index: LineageIndex) -> int:
     return int(rows[0])
 
 
-def plot_lineage(index: LineageIndex, spec: str, out: Path) -> None:
+def plot_lineage(index: LineageIndex, spec: str, out: Path, overwrite: bool) -> None:
     from dali_pipeline.plots import lineage_figure, save_png
     from sampler.tracks import find_csv, parse_tracks
 
@@ -301,12 +302,12 @@ def plot_lineage(index: LineageIndex, spec: str, out: Path) -> None:
     kept = np.array([(a, b) in kept_keys for a, b in zip(cols["track_id"].tolist(), cols["t"].tolist())], dtype=bool)
     fig = lineage_figure(cols["track_id"], cols["t"], cols["parent_track_id"], kept,
                          f"{row.experiment} {row.fov_name} ({row.perturbation})")
-    save_png(fig, out)
+    save_png(fig, out, overwrite)
     print(f"lineage trees of {row.experiment} {row.fov_name}: {out}")
 
 
 def cmd_index(args: argparse.Namespace) -> None:
-    outputs = ([args.save] if args.save else []) + ([args.out] if args.plot_lineage else [])
+    outputs = ([(args.save, INDEX_NPZ)] if args.save else []) + ([(args.out, PNG)] if args.plot_lineage else [])
     check_outputs(outputs, args.overwrite)
     collection, registry, index = build_index(args)
     with pd.option_context("display.width", 200, "display.max_columns", 30, "display.max_colwidth", 120):
@@ -323,7 +324,7 @@ def cmd_index(args: argparse.Namespace) -> None:
         index.save(args.save, overwrite=args.overwrite)
         print(f"saved {args.save} ({os.path.getsize(args.save) / 2**20:.1f} MiB)")
     if args.plot_lineage:
-        plot_lineage(index, args.plot_lineage, Path(args.out))
+        plot_lineage(index, args.plot_lineage, Path(args.out), args.overwrite)
 
 
 # ---------------------------------------------------------------------- preview
@@ -332,9 +333,7 @@ def cmd_preview(args: argparse.Namespace) -> None:
     from dali_pipeline.reader import PatchReader
     from sampler import TripletSampler
 
-    check_outputs([args.out], args.overwrite)
-    if args.n < 1:
-        raise UsageError(f"--n must be >= 1, got {args.n}")
+    check_outputs([(args.out, PNG)], args.overwrite)
     collection, _, index = build_index(args)
     if len(index.valid) == 0:
         raise UsageError(f"{collection}: {_no_anchors_message(index)}")
@@ -364,7 +363,7 @@ def cmd_preview(args: argparse.Namespace) -> None:
     channels = ["bag channel"] if bag else list(index.labels)
     title = (f"{collection.parent.name}/{collection.name}: {n} pairs of step {args.step} (seed {args.seed}, policy "
              f"{index.config.positive_policy}, Z {args.z}, normalized {index.config.norm_level or 'no'})")
-    save_png(pairs_figure(anchor, positive, labels, channels, title), args.out)
+    save_png(pairs_figure(anchor, positive, labels, channels, title), args.out, args.overwrite)
     crossing = sum(lab.division for lab in labels)
     print(f"{args.out}: {n} anchor/positive pairs ({crossing} cross a division), {len(channels)} channel(s), "
           f"read box (Z, Y, X) {index.read_shape}")
@@ -374,7 +373,7 @@ def cmd_preview(args: argparse.Namespace) -> None:
 def cmd_convert_ctc(args: argparse.Namespace) -> None:
     from dali_pipeline.datasets.ctc import import_ctc
 
-    check_outputs([args.out], args.overwrite)
+    check_outputs([(args.out, None)], args.overwrite)
     yaml_path = import_ctc(args.sequence_dir, args.out, interval_minutes=args.interval_minutes, name=args.name,
                            channel=args.channel, start_hpi=args.start_hpi, version=args.version,
                            overwrite=args.overwrite, progress=sys.stderr.isatty())
@@ -426,7 +425,7 @@ def synthetic_spec(size: str, seed: int = 0):
 def cmd_make_synthetic(args: argparse.Namespace) -> None:
     from dali_pipeline.datasets.synthetic import write_synthetic
 
-    check_outputs([args.out], args.overwrite)
+    check_outputs([(args.out, None)], args.overwrite)
     spec = synthetic_spec(args.size, args.seed)
     decoded = sum(len(e.fov_names) * int(np.prod(e.shape)) * np.dtype(e.dtype).itemsize for e in spec.experiments)
     print(f"writing {args.size} ({decoded / 1e9:.2f} GB decoded) to {args.out}", file=sys.stderr)
@@ -445,10 +444,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     json_path, png_path = out / "bench.json", out / "bench.png"
-    check_outputs([json_path, png_path], args.overwrite)
-    if min(args.steps, args.batch_size, args.rounds) < 1:
-        raise UsageError(f"--steps, --batch-size and --rounds must be >= 1, got {args.steps}, {args.batch_size} "
-                         f"and {args.rounds}")
+    check_outputs([(json_path, JSON_REPORT), (png_path, PNG)], args.overwrite)
     collection, _, index = build_index(args)
     if len(index.valid) == 0:
         raise UsageError(f"{collection}: {_no_anchors_message(index)}")
@@ -463,36 +459,93 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if "raw" in report["results"]:
         print(f"read amplification (decoded chunk bytes / delivered bytes): "
               f"{report['results']['raw']['read_amplification']:.2f}")
-    _atomic_text(json_path, json.dumps(report, indent=1) + "\n")
+    _atomic_text(json_path, json.dumps(report, indent=1) + "\n", args.overwrite)
     results = list(report["results"].values())
     save_png(bench_figure([r["short"] for r in results], [r["pairs_per_s"] for r in results],
-                          f"{collection.parent.name}: batch {args.batch_size}, {index.read_shape}, {device}"), png_path)
+                          f"{collection.parent.name}: batch {args.batch_size}, {index.read_shape}, {device}"), png_path,
+             args.overwrite)
     print(f"wrote {json_path} and {png_path}")
 
 
 # ---------------------------------------------------------------------- parser
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `low` (the flag is named by argparse in the error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def finite_float(low: float | None = None, *, strict: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite float, optionally >= `low` (> `low` when `strict`)."""
+    bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a finite number{bound}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text}")
+        if low is not None and (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be{bound}, got {value:g}")
+        return value
+    parse.__name__ = f"finite number{bound}"
+    return parse
+
+
+class OrderedPair(argparse.Action):
+    """Stores LOW HIGH (already typed) after checking LOW <= HIGH."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        low, high = values
+        if low > high:
+            parser.error(f"argument {option_string}: LOW must be <= HIGH, got {low:g} {high:g}")
+        setattr(namespace, self.dest, tuple(values))
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line on stderr (exit 2), pointing at --help instead of printing usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)}; see {self.prog} --help\n")
+
+
+POSITIVE = int_at_least(1)
+NON_NEGATIVE = int_at_least(0)
+FINITE = finite_float()
+POSITIVE_FLOAT = finite_float(0.0, strict=True)
+
+
 def _index_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("index options (what is read and which positives count)")
-    g.add_argument("--patch", type=int, nargs=2, default=(64, 64), metavar=("Y", "X"), help="read patch size (64 64)")
-    g.add_argument("--max-border-shift", type=int, default=None, help="default: a quarter patch")
-    g.add_argument("--tau-hours", type=float, nargs=2, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
+    g.add_argument("--patch", type=POSITIVE, nargs=2, default=(64, 64), metavar=("Y", "X"), help="read patch size (64 64)")
+    g.add_argument("--max-border-shift", type=NON_NEGATIVE, default=None, help="default: a quarter patch")
+    g.add_argument("--tau-hours", type=FINITE, nargs=2, action=OrderedPair, default=(0.5, 2.0), metavar=("LOW", "HIGH"),
                    help="positive time offset range in hours (0.5 2.0)")
-    g.add_argument("--tau-decay", type=float, default=2.0)
+    g.add_argument("--tau-decay", type=finite_float(0.0), default=2.0, help="tau weight decay, >= 0 (2.0)")
     g.add_argument("--policy", choices=["lineage", "ancestry"], default="lineage",
                    help="lineage: any cell of the lineage; ancestry: own track, ancestors, descendants only")
     g.add_argument("--channel-mode", choices=["all", "bag"], default="all")
     g.add_argument("--norm-level", default="timepoint_statistics",
                    choices=["timepoint_statistics", "fov_statistics", "dataset_statistics", "none"])
-    g.add_argument("--z-window", type=int, default=None, help="Z slices to read per patch (default: all)")
-    g.add_argument("--threads", type=int, default=8)
+    g.add_argument("--z-window", type=POSITIVE, default=None, help="Z slices to read per patch (default: all)")
+    g.add_argument("--threads", type=POSITIVE, default=8, help="threads reading metadata and CSVs (8)")
     return p
 
 
 def parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)  # --debug before or after the command
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    top = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     top.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
     index_opts = _index_options()
@@ -504,22 +557,22 @@ def parser() -> argparse.ArgumentParser:
             "Write the built-in demo dataset once (into $DYNACLR_DALI_CACHE or ~/.cache/dynaclr-dali), build its "
             "lineage index, and train a small encoder with an NT-Xent loss on the DALI loader (GPU when present, "
             "else the CPU pipeline). Writes OUT/pairs.png, OUT/loss.png and OUT/summary.json.")
-    p.add_argument("--steps", type=int, default=300, help="training steps (300)")
-    p.add_argument("--batch-size", type=int, default=64, help="pairs per step (64)")
-    p.add_argument("--seed", type=int, default=0, help="sampler and model seed (0)")
+    p.add_argument("--steps", type=POSITIVE, default=300, help="training steps (300)")
+    p.add_argument("--batch-size", type=int_at_least(2), default=64, help="pairs per step (64)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0, help="sampler and model seed (0)")
     p.add_argument("--out", default="demo_out", help="output folder (demo_out)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="DALI pipeline device (auto)")
-    p.add_argument("--patch", type=int, default=32, help="square read patch in pixels (32)")
-    p.add_argument("--width", type=int, default=16, help="channels of the first conv layer (16; then x2, x4)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (1e-3)")
-    p.add_argument("--temperature", type=float, default=0.2, help="NT-Xent temperature (0.2)")
-    p.add_argument("--cache-mb", type=int, default=0,
+    p.add_argument("--patch", type=POSITIVE, default=32, help="square read patch in pixels (32)")
+    p.add_argument("--width", type=POSITIVE, default=16, help="channels of the first conv layer (16; then x2, x4)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="AdamW learning rate (1e-3)")
+    p.add_argument("--temperature", type=POSITIVE_FLOAT, default=0.2, help="NT-Xent temperature (0.2)")
+    p.add_argument("--cache-mb", type=NON_NEGATIVE, default=0,
                    help="chunk cache in MiB: decode each chunk once, crop patches from it; the loader's whole "
                         "budget there, its batches in flight first (0: off)")
     p.add_argument("--z-reduction", choices=["max", "center", "channelwise"], default="max",
                    help="Z to one slice: max projection, centre slice, or per channel label (phase-like channels "
                         "the centre slice, the others the max) (max)")
-    p.add_argument("--locality-frames", type=int, default=None, metavar="K",
+    p.add_argument("--locality-frames", type=POSITIVE, default=None, metavar="K",
                    help="order each epoch in shuffled blocks of (FOV, t // K), so that steps share chunks "
                         "(default: a uniform permutation)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -541,9 +594,9 @@ def parser() -> argparse.ArgumentParser:
             "FOV, lineage, t and tau; pairs that cross a division are marked.", [index_opts])
     p.add_argument("collection", nargs="?", help="collection YAML (default: the built-in demo dataset)")
     p.add_argument("--out", default="pairs.png", help="output PNG (pairs.png)")
-    p.add_argument("--n", type=int, default=8, help="pairs to draw (8)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--step", type=int, default=0, help="which step's plan (0)")
+    p.add_argument("--n", type=POSITIVE, default=8, help="pairs to draw (8)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
+    p.add_argument("--step", type=NON_NEGATIVE, default=0, help="which step's plan (0)")
     p.add_argument("--z", choices=["max", "center"], default="max", help="Z projection for display (max)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=cmd_preview)
@@ -553,11 +606,11 @@ def parser() -> argparse.ArgumentParser:
             "plate, a tracks CSV from the mask centroids, statistics and a collection YAML.")
     p.add_argument("sequence_dir")
     p.add_argument("out")
-    p.add_argument("--interval-minutes", type=float, required=True,
+    p.add_argument("--interval-minutes", type=POSITIVE_FLOAT, required=True,
                    help="minutes between frames (CTC files do not record it)")
     p.add_argument("--name", default=None, help="experiment name (default: the sequence folder's name)")
     p.add_argument("--channel", default="nuclei", help="channel label (nuclei)")
-    p.add_argument("--start-hpi", type=float, default=0.0, help="hours post perturbation at t = 0")
+    p.add_argument("--start-hpi", type=FINITE, default=0.0, help="hours post perturbation at t = 0")
     p.add_argument("--version", choices=["0.4", "0.5"], default="0.5", help="OME-Zarr version (0.5)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_convert_ctc)
@@ -570,7 +623,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("out_yaml", metavar="OUT.yml")
     p.add_argument("--allow-lineage-differences", action="store_true",
                    help="install the collection even when lineage ids differ")
-    p.add_argument("--threads", type=int, default=8)
+    p.add_argument("--threads", type=POSITIVE, default=8, help="threads reading the CSVs back (8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.yml and OUT_tracks/")
     p.set_defaults(func=cmd_import_cell_index)
 
@@ -579,7 +632,7 @@ def parser() -> argparse.ArgumentParser:
             "collection.yml, manifest.json) into OUT. Sizes: " + "; ".join(f"{k}: {v}" for k, v in SIZES.items()))
     p.add_argument("out")
     p.add_argument("--size", choices=list(SIZES), default="small")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_make_synthetic)
 
@@ -588,11 +641,11 @@ def parser() -> argparse.ArgumentParser:
             "TripletLoader, and a torch DataLoader over MultiExperimentTripletDataset. Prints a table and writes "
             "OUT/bench.json and OUT/bench.png. The thorough benchmarks live in benchmarks/.", [index_opts])
     p.add_argument("collection", nargs="?", help="collection YAML (default: the built-in demo dataset)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps per path (30)")
-    p.add_argument("--batch-size", type=int, default=32, help="pairs per step (32)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=POSITIVE, default=30, help="timed steps per path (30)")
+    p.add_argument("--batch-size", type=POSITIVE, default=32, help="pairs per step (32)")
+    p.add_argument("--seed", type=NON_NEGATIVE, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best counts (2)")
+    p.add_argument("--rounds", type=POSITIVE, default=2, help="interleaved rounds; the best counts (2)")
     p.add_argument("--paths", nargs="+", choices=["raw", "dali", "torch"], default=["raw", "dali", "torch"])
     p.add_argument("--out", default="bench_out", help="output folder (bench_out)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -601,28 +654,34 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every failure ends in one line on stderr, the traceback only under --debug.
+
+    Exit codes: 2 bad input (and anything unforeseen), 1 a missing package, 130 an interrupt.
+    """
     args = parser().parse_args(argv)
-    import pyarrow as pa
 
-    from dali_pipeline.reader import PatchReadError
+    def fail(err: BaseException, code: int, message: str) -> int:
+        if args.debug:
+            traceback.print_exception(err)
+        print(f"{PROG} {args.command}: {_one_line(message)}", file=sys.stderr)
+        return code
 
-    bad_input = (UsageError, ValueError, OSError, KeyError, yaml.YAMLError, PatchReadError, pa.ArrowException)
     try:
-        args.func(args)
-    except bad_input as err:
-        if args.debug:
-            traceback.print_exc()
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"{PROG} {args.command}: error: {_one_line(message)}", file=sys.stderr)
-        return 2
+        import pyarrow as pa
+
+        from dali_pipeline.reader import PatchReadError
+
+        bad_input = (UsageError, ValueError, OSError, KeyError, yaml.YAMLError, PatchReadError, pa.ArrowException)
+        try:
+            args.func(args)
+        except bad_input as err:
+            return fail(err, 2, f"error: {err.args[0] if isinstance(err, KeyError) and err.args else err}")
+    except KeyboardInterrupt as err:
+        return fail(err, 130, "interrupted")
     except ImportError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"{PROG} {args.command}: error: {_one_line(err)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return fail(err, 1, f"error: {err}")
+    except Exception as err:  # a bug, or input no check foresaw: still one line, the traceback under --debug
+        return fail(err, 2, f"error: unexpected {type(err).__name__}: {err}; rerun with --debug for the traceback")
     return 0
 
 

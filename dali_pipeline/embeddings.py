@@ -19,7 +19,8 @@ merges the parts (round-robin by batch, which restores the index order of the pr
 drops duplicate observations (padding of other samplers; the key is experiment, fov_name,
 track_id, t and marker), writes the output to a temporary name and renames it into place
 (atomic), and tells every rank whether it succeeded. An existing output is an error unless
-`overwrite=True`, checked before predicting starts and again before the rename.
+`overwrite=True`, checked before predicting starts and again before the rename; even then only a
+parquet or h5ad file, or a .zarr folder carrying this project's marker, is replaced.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sampler.atomic import atomic_output
+from sampler.atomic import H5AD, PARQUET, FileKind, atomic_output, check_target, write_marker
 
 Format = Literal["parquet", "anndata"]
 KEY_COLUMNS = ("experiment", "fov_name", "track_id", "t", "marker")
@@ -58,9 +59,15 @@ def output_format(path: str | os.PathLike[str], format: str | None = None) -> Fo
                      "or pass format=")
 
 
-def _check_target(path: Path, overwrite: bool) -> None:
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+def _kind(path: Path, format: Format) -> FileKind | None:
+    """What an existing output must be for overwrite to replace it (None: a marked AnnData .zarr folder)."""
+    if format == "parquet":
+        return PARQUET
+    return H5AD if path.suffix.lower() == ".h5ad" else None
+
+
+def _check_target(path: Path, format: Format, overwrite: bool) -> None:
+    check_target(path, overwrite, _kind(path, format))
     if not path.parent.is_dir():
         raise FileNotFoundError(f"{path.parent}: the output folder does not exist")
 
@@ -192,7 +199,7 @@ class EmbeddingTable:
         self.world_size = w if world_size is None else int(world_size)
         self._barrier = barrier or _torch_barrier
         self._broadcast = broadcast or _torch_broadcast
-        _check_target(self.path, overwrite)
+        _check_target(self.path, self.format, overwrite)
         self.parts = self.path.parent / f".{self.path.name}.parts"
         self.parts.mkdir(exist_ok=True)
         self._part = self.parts / f"rank-{self.rank:05d}.parquet"
@@ -284,6 +291,7 @@ class EmbeddingTable:
     def _check_target_again(self) -> None:
         if os.path.lexists(self.path) and not self.overwrite:
             raise FileExistsError(f"{self.path} appeared while predicting; pass overwrite=True to replace it")
+        check_target(self.path, self.overwrite, _kind(self.path, self.format))
 
     def _tables(self, files, order, keep, schema):
         start = 0
@@ -297,7 +305,7 @@ class EmbeddingTable:
             yield table if mask.all() else table.filter(pa.array(mask))
 
     def _write_parquet(self, files, order, keep, schema) -> None:
-        with atomic_output(self.path, self.overwrite) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        with atomic_output(self.path, self.overwrite, kind=PARQUET) as tmp, pq.ParquetWriter(tmp, schema) as writer:
             pending, rows = [], 0
             for table in self._tables(files, order, keep, schema):
                 pending.append(table)
@@ -323,11 +331,12 @@ class EmbeddingTable:
         for k, a in arrays.items():
             if k != self.embedding_key:
                 adata.obsm[f"X_{k}"] = a
-        with atomic_output(self.path, self.overwrite) as tmp:
+        with atomic_output(self.path, self.overwrite, kind=_kind(self.path, self.format)) as tmp:
             if self.path.suffix.lower() == ".h5ad":
                 adata.write_h5ad(tmp)
             else:
                 adata.write_zarr(tmp)
+                write_marker(tmp, "embeddings")  # a marked folder: a later overwrite may replace it
 
 
 def _split_table(table: pa.Table) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
@@ -399,7 +408,7 @@ def _writer_class() -> type:
         def setup(self, trainer, pl_module, stage: str) -> None:
             super().setup(trainer, pl_module, stage)
             if stage == "predict":
-                _check_target(self.output_path.absolute(), self.overwrite)
+                _check_target(self.output_path.absolute(), self.format, self.overwrite)
 
         def on_predict_epoch_start(self, trainer, pl_module) -> None:
             strategy = trainer.strategy

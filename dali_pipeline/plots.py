@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from sampler.atomic import atomic_output
+from sampler.atomic import PNG, atomic_output
 
 DPI = 100
 PANEL_IN = 1.15  #: one patch panel of the pairs montage, inches
@@ -26,10 +26,13 @@ TREE_SIZE_IN = (10.0, 6.0)
 BENCH_SIZE_IN = (7.2, 3.2)
 
 
-def save_png(fig: Figure, path: str | os.PathLike[str]) -> str:
-    """Write `fig` as a PNG at `path` atomically (temporary file beside it, then renamed)."""
+def save_png(fig: Figure, path: str | os.PathLike[str], overwrite: bool = True) -> str:
+    """Write `fig` as a PNG at `path` atomically (temporary file beside it, then renamed).
+
+    `overwrite` replaces an existing PNG only; anything else at `path` is refused (FileExistsError).
+    """
     path = os.fspath(path)
-    with atomic_output(path, overwrite=True) as tmp, open(tmp, "wb") as f:
+    with atomic_output(path, overwrite, kind=PNG) as tmp, open(tmp, "wb") as f:
         FigureCanvasAgg(fig)
         fig.savefig(f, format="png", dpi=DPI)
     return path

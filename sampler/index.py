@@ -15,7 +15,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from sampler.atomic import atomic_output
+from sampler.atomic import INDEX_NPZ, atomic_output, check_target
 from sampler.lineage import LineageCycleError, build_forest
 from sampler.norm import fov_norm_table
 from sampler.plate import check_channel_count, read_fovs
@@ -448,10 +448,12 @@ class LineageIndex:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike[str], overwrite: bool = False) -> None:
-        """Write the index to one uncompressed .npz (columnar); atomic, refuses to overwrite unless asked."""
+        """Write the index to one uncompressed .npz (columnar); atomic.
+
+        Refuses an existing `path` unless `overwrite`, and even then anything but an index saved here.
+        """
         path = os.fspath(path)
-        if os.path.lexists(path) and not overwrite:  # before the work; atomic_output checks again at the move
-            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        check_target(path, overwrite, INDEX_NPZ)  # before the work; atomic_output checks again at the move
         arrays: dict[str, np.ndarray] = {"norm": self.norm, "exp_channels": self.exp_channels, "valid": self.valid}
         for k, v in self.forest.items():
             arrays[f"forest.{k}"] = v
@@ -469,7 +471,7 @@ class LineageIndex:
                     frames={n: list(f.columns) for n, f in
                             (("tracks", self.tracks), ("fovs", self.fovs), ("experiments", self.experiments))})
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        with atomic_output(path, overwrite) as tmp, open(tmp, "wb") as f:
+        with atomic_output(path, overwrite, kind=INDEX_NPZ) as tmp, open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
     @classmethod

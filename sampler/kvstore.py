@@ -65,6 +65,10 @@ def read_json(url: str, key: str) -> dict[str, Any] | None:
             return None
         raw = bytes(result.value)
     try:
-        return json.loads(raw)
+        doc = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ValueError(f"{url}{key} is not valid JSON: {err}") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{url}{key} is not a JSON object (it holds a {type(doc).__name__}); zarr metadata is an "
+                         "object such as {\"zarr_format\": 3, \"node_type\": \"group\", ...}: fix or rewrite it")
+    return doc

@@ -54,6 +54,11 @@ def parse_tracks(source: str, raw: bytes) -> dict[str, np.ndarray]:
         table = pacsv.read_csv(io.BytesIO(raw))
     except Exception as err:  # pyarrow raises several types for malformed CSV
         raise ValueError(f"{source}: not a readable CSV: {err}") from None
+    names = table.column_names
+    repeated = sorted({c for c in names if names.count(c) > 1})
+    if repeated:
+        raise ValueError(f"{source}: columns {repeated} appear more than once in the header {names}; keep one of "
+                         "each (rename or remove the others)")
     missing = [c for c in REQUIRED if c not in table.column_names]
     if missing:
         raise ValueError(

@@ -91,8 +91,10 @@ def test_demo_options_reach_the_sampler_and_the_graph(demo_env, tmp_path, capsys
     assert report["z_reduction"] == "channelwise" and report["locality_frames"] == 2
     assert len(report["losses"]) == 3 and np.isfinite(report["losses"]).all()
     capsys.readouterr()
-    rc = main(["demo", "--out", str(tmp_path / "bad"), "--locality-frames", "0"])
-    assert rc == 2 and "--locality-frames must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # the flag's type refuses it while parsing
+        main(["demo", "--out", str(tmp_path / "bad"), "--locality-frames", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --locality-frames: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_nt_xent_matches_a_direct_formula():

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from builders import make_experiment, track_rows, tracks_table
@@ -221,5 +222,8 @@ def test_convert_ctc(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "converted exists; pass --overwrite" in err
     rc, _, err = run(["convert-ctc", tmp_path / "nope", tmp_path / "o2", "--interval-minutes", 15], capsys)
     assert rc == 2 and err.count("\n") == 1 and "CTC sequence folder not found" in err
-    rc, _, err = run(["convert-ctc", seq, tmp_path / "o3", "--interval-minutes", 0], capsys)
-    assert rc == 2 and "interval_minutes must be positive" in err
+    with pytest.raises(SystemExit) as exit_info:  # refused by the flag's type, before anything runs
+        run(["convert-ctc", seq, tmp_path / "o3", "--interval-minutes", 0], capsys)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "argument --interval-minutes: must be > 0, got 0" in err

@@ -181,7 +181,8 @@ def test_real_import_layout_and_manifest(imported):
             "interval_minutes": 30.0, "start_hpi": 0.0,
         }],
     }
-    assert sorted(os.listdir(root)) == ["Fluo-N2DH-SIM+_02.zarr", "collection.yml", "manifest.json", "tracks"]
+    assert sorted(os.listdir(root)) == [".dynaclr-dali.json", "Fluo-N2DH-SIM+_02.zarr", "collection.yml",
+                                        "manifest.json", "tracks"]  # the marker lets a later overwrite replace it
     assert read_plate(str(root / "Fluo-N2DH-SIM+_02.zarr")).fov_names == ["A/1/0"]
     m = json.loads((root / "manifest.json").read_text())
     assert (m["frames"], m["tracks"], m["observations"], m["divisions"], m["single_daughter_mothers"],

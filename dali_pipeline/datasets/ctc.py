@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-from sampler.atomic import atomic_directory
+from sampler.atomic import atomic_directory, check_target
 from sampler.progress import tqdm
 
 from dali_pipeline.datasets.omezarr import STAT_NAMES, PlateWriter, summary_stats
@@ -285,7 +285,7 @@ def import_ctc(
     Reads the raw frames `<sequence_dir>/tNNN.tif` and the ground truth of the sibling folder
     `<sequence_dir>_GT/TRA` (man_track.txt and the label masks), and writes, atomically (a
     temporary folder renamed into place; nothing at `out_dir` if it fails; refuses to replace an
-    existing `out_dir` unless `overwrite`):
+    existing `out_dir` unless `overwrite`, and then only a folder this project wrote):
 
     - `<name>.zarr`: an HCS plate with one well `A/1` and one FOV `A/1/0`, array (T, 1, 1, Y, X) in
       the frames' dtype, channel `channel`, streamed frame by frame (`chunks`/`shards` as in
@@ -323,8 +323,7 @@ def import_ctc(
     if shards is not None and version != "0.5":
         raise ValueError("shards need version '0.5' (zarr v3)")
     dest = Path(os.path.abspath(os.fspath(out_dir)))
-    if dest.exists() and not overwrite:
-        raise FileExistsError(f"{dest} exists; pass overwrite=True to replace it")
+    check_target(dest, overwrite, None)  # early; atomic_directory checks again
 
     # validate everything cheap before writing anything: frame names, headers, tracks, masks
     tracks = read_man_track(track_file)
@@ -341,7 +340,7 @@ def import_ctc(
     tracks["id"] = np.arange(len(tracks), dtype=np.int64)
 
     shape = (n_t, 1, 1, n_y, n_x)
-    with atomic_directory(dest, overwrite) as tmp, \
+    with atomic_directory(dest, overwrite, writer="convert-ctc") as tmp, \
             tqdm(total=n_t, desc=f"import {name}", unit="frame", disable=not progress) as bar:
         plate_path = tmp / f"{name}.zarr"
         samples = np.empty((n_t, len(range(0, n_y, STATS_GRID)), len(range(0, n_x, STATS_GRID))), dtype)

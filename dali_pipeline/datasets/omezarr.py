@@ -3,7 +3,7 @@
 `PlateWriter` streams FOVs one t-slice at a time, so plates larger than memory can be written;
 `write_plate` is a convenience for in-memory arrays. Both write into a temporary folder beside the
 destination and rename it into place, so a writer that dies halfway leaves nothing at the
-destination; both refuse to overwrite unless asked.
+destination; both refuse to overwrite unless asked, and then replace only a folder this project wrote.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ class PlateWriter:
 
     def __enter__(self) -> "PlateWriter":
         self._stack = ExitStack()
-        self._tmp = self._stack.enter_context(atomic_directory(self.path, self.overwrite))
+        self._tmp = self._stack.enter_context(atomic_directory(self.path, self.overwrite, writer="plate"))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -618,11 +618,12 @@ def write_synthetic(
 
     Layout: `{exp}.zarr` plates, `{exp}_tracks/{row}/{col}/{fov}/tracks.csv`, `collection.yml`
     (paths relative to it) and `manifest.json` (spec, bytes, compression ratio, counts, timing).
-    Refuses to overwrite an existing `out_dir` unless `overwrite`.
+    Refuses to overwrite an existing `out_dir` unless `overwrite`, and then replaces only a folder
+    this project wrote (its marker `.dynaclr-dali.json`), never the current directory.
     """
     dest = Path(os.path.abspath(os.fspath(out_dir)))
     total = sum(len(e.fov_names) for e in spec.experiments)
-    with atomic_directory(dest, overwrite) as tmp, tqdm(total=total, desc="fovs", disable=not progress) as bar:
+    with atomic_directory(dest, overwrite, writer="synthetic") as tmp, tqdm(total=total, desc="fovs", disable=not progress) as bar:
         experiments = [_write_experiment(tmp, exp, spec.labels, bar) for exp in spec.experiments]
         with open(tmp / COLLECTION_FILE, "w") as f:
             yaml.safe_dump(_collection_doc(spec), f, sort_keys=False)
