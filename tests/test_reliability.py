@@ -580,3 +580,24 @@ def test_tracks_outside_the_image_are_dropped_and_an_fov_with_none_inside_is_an_
     with pytest.raises(ValueError, match=r"Experiment 'b', FOV A/1/0: all 6 rows of its tracks CSV lie outside"):
         LineageIndex.build(ExperimentRegistry.from_yaml(write_collection(root, [b], ["gfp"])),
                            IndexConfig(patch_yx=(16, 16)), progress=False)
+
+
+@pytest.mark.parametrize("value, why", [("9223372036854775808", "beyond int64"), ("-9223372036854775809", "beyond int64"),
+                                        ("18446744073709551616", "beyond int64")])
+def test_a_track_id_beyond_int64_is_refused_naming_the_csv_row_and_column(value, why):
+    raw = f"track_id,t,y,x,parent_track_id\n1,0,1,1,-1\n{value},1,2,2,1\n".encode()
+    with pytest.raises(ValueError, match=rf"^tracks\.csv: column 'track_id' has .* at data row 2, {why}"):
+        parse_tracks("tracks.csv", raw)
+    # the same in parent_track_id; int64's last value still reads exactly
+    raw = f"track_id,t,y,x,parent_track_id\n1,0,1,1,-1\n2,1,2,2,{value}\n".encode()
+    with pytest.raises(ValueError, match=rf"^tracks\.csv: column 'parent_track_id' has .* at data row 2, {why}"):
+        parse_tracks("tracks.csv", raw)
+    top = parse_tracks("tracks.csv", b"track_id,t,y,x\n1,0,1,1\n9223372036854775807,1,2,2\n")
+    assert top["track_id"].tolist() == [1, 2**63 - 1]
+
+
+def test_ids_float64_cannot_hold_are_refused_not_merged():
+    # a missing entry makes pyarrow read the column as float64: 2^53 + 1 would become 2^53, another track's id
+    raw = b"track_id,t,y,x,parent_track_id\n9007199254740992,0,1,1,\n9007199254740994,0,2,2,9007199254740993\n"
+    with pytest.raises(ValueError, match=r"column 'parent_track_id' has .* at data row 2, too large to read exactly"):
+        parse_tracks("tracks.csv", raw)
