@@ -28,7 +28,7 @@ import yaml
 
 from builders import expected_patches, make_experiment, pixels, track_rows, tracks_table, write_collection
 from dali_pipeline import PatchReader, PatchReadError
-from sampler import ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler, make_plan
+from sampler import CollectionError, ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler, make_plan
 from sampler.tracks import parse_tracks
 from test_reader import build, collection, tree_hash
 
@@ -436,8 +436,11 @@ def test_yaml_is_loaded_safely(tmp_path, capsys):
                      "    tracks_path: t\n    channels: {p: P}\n    perturbation_wells: {mock: [A/1]}\n"
                      "    interval_minutes: 30\n")
     for evil in (top, inner):
-        with pytest.raises(yaml.constructor.ConstructorError, match=re.escape(PYTHON_TAG)):
+        # the library's error names the file, the line and the tag (the YAML error chained)
+        with pytest.raises(CollectionError, match=re.escape(f"{evil}: not valid YAML at line ") + ".*"
+                           + re.escape(PYTHON_TAG)) as raised:
             ExperimentRegistry.from_yaml(evil)
+        assert isinstance(raised.value.__cause__, yaml.constructor.ConstructorError)
         # the CLI says which file, where, and why, in one line (exit code 2)
         assert main(["index", str(evil)]) == 2
         err = capsys.readouterr().err
@@ -477,7 +480,8 @@ def test_odd_paths_are_taken_literally_never_expanded_nor_run(tmp_path, monkeypa
         resolved = raw if raw.startswith("/") else os.path.normpath(os.path.join(coll, raw))
         path = write_collection(coll, [dict(real, **{key: raw})])
         if key == "data_path":
-            with pytest.raises(ValueError, match=re.escape(f"Experiment 'a': data_path does not exist: {resolved}")):
+            with pytest.raises(ValueError, match=re.escape(f"{path}: experiments[0] (name 'a').data_path: does not "
+                                                           f"exist: {resolved}")):
                 ExperimentRegistry.from_yaml(path)
         else:  # the registry reports the literal folder; the index build says it holds no CSV
             registry = ExperimentRegistry.from_yaml(path)
