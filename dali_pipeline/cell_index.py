@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from sampler.atomic import CSV_LINEAGE_DIFFERENCES, IMPORTED_YAML, check_target, write_marker
+from sampler.collection import CollectionError
 
 #: the reference's `viscy_data.cell_index.CELL_INDEX_SCHEMA`, columns in order
 CELL_INDEX_SCHEMA = pa.schema([
@@ -272,7 +273,11 @@ def import_cell_index(
             f.write(f"# imported from {parquet.resolve()} by dynaclr-dali import-cell-index\n")
             yaml.safe_dump(doc, f, sort_keys=False)
 
-        ours = _our_lineages(tmp_yaml, threads)
+        try:
+            ours = _our_lineages(tmp_yaml, threads)
+        except CollectionError as err:  # name the parquet and the YAML to be, not the temporary file
+            where = err.where.removeprefix(f"{tmp_yaml}: ")
+            raise CollectionError(f"{parquet}: imported as {out_yaml.name}: {where}", err.problem, err.hint) from None
         compared, differences = 0, pd.DataFrame(columns=["experiment", "fov_name", "track_id", "ours", "parquet"])
         if "lineage_id" in df:
             theirs = (df.groupby(["experiment", "fov_name", "track_id"], observed=True, sort=False)

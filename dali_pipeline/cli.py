@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from sampler.atomic import JSON_REPORT, PNG, INDEX_NPZ, FileKind, atomic_output, check_target
-from sampler import ExperimentRegistry, IndexConfig, LineageIndex
+from sampler import CollectionError, ExperimentRegistry, IndexConfig, LineageIndex
 
 PROG = "dynaclr-dali"
 
@@ -59,77 +59,22 @@ def demo_collection() -> Path:
 
 
 # ---------------------------------------------------------------------- input checks
-#: fixes appended to the registry's messages (which name the experiment) when they lack one
-_HINTS = (
-    ("data_path does not exist", "fix data_path (a relative path is resolved against the YAML's folder)"),
-    ("no OME-Zarr group here", "data_path must be an OME-Zarr HCS plate, the folder holding the plate's "
-                               "zarr.json or .zattrs"),
-    ("not an OME-Zarr HCS plate", "data_path must be an OME-Zarr HCS plate, not one of its wells or FOVs"),
-    ("not found in zarr", "map each label to one of the available zarr channel names under the experiment's "
-                          "'channels'"),
-    ("are not among the collection's labels", "add them to the top-level 'channels' list or fix the "
-                                               "experiment's labels"),
-    ("are not in the plate", "fix perturbation_wells (wells look like 'B/3')"),
-    ("hold no FOVs", "fix perturbation_wells or the include/exclude lists"),
-    ("must be positive", "fix that value in the YAML"),
-    ("must not be empty", "list at least one perturbation with its wells"),
-    ("lists no wells", "list its wells or remove it"),
-)
-
-_FIELDS = {
-    "data_path": "the HCS OME-Zarr plate, absolute or relative to the YAML",
-    "tracks_path": "the folder holding {row}/{col}/{fov}/tracks.csv",
-    "channels": "{label: zarr channel name}",
-    "perturbation_wells": "{perturbation: [wells]}",
-    "interval_minutes": "minutes between frames",
-}
-
-
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def _with_hint(message: str) -> str:
-    for needle, hint in _HINTS:
-        if needle in message:
-            return f"{message.rstrip('.')}; {hint}"
-    return message
-
-
-def read_collection_yaml(path: Path) -> dict[str, Any]:
-    """The parsed YAML of a collection, with one-line errors for syntax and missing fields."""
+def load_registry(path: Path, z_window: int | None = None) -> ExperimentRegistry:
+    """The registry of a collection YAML. The library's errors name the YAML, the experiment and the field and
+    say how to fix them; errors of the Z settings, which name no file, get the YAML's path in front."""
     if not path.is_file():
         raise UsageError(f"{path}: no such collection YAML; pass the path of a collection YAML, or omit it for the "
                          "built-in demo dataset")
     try:
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or type(err).__name__
-        raise UsageError(f"{path}: not valid YAML{where}: {problem}; fix the syntax (indentation, a ':' after "
-                         "each key, quotes around values with ':' or '#')") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("experiments"), list) or not doc["experiments"]:
-        raise UsageError(f"{path}: a collection needs a non-empty 'experiments:' list (see the README's collection "
-                         "YAML)")
-    for i, exp in enumerate(doc["experiments"]):
-        if not isinstance(exp, dict) or "name" not in exp:
-            raise UsageError(f"{path}: experiment #{i + 1} must be a mapping with a 'name'; got {exp!r}")
-        for key, what in _FIELDS.items():
-            if key not in exp:
-                raise UsageError(f"{path}: Experiment '{exp['name']}': missing required key '{key}' ({what}); "
-                                 "add it to the experiment's entry")
-    return doc
-
-
-def load_registry(path: Path, z_window: int | None = None) -> ExperimentRegistry:
-    """The registry of a collection YAML; errors name the YAML and the experiment and say how to fix it."""
-    read_collection_yaml(path)
-    try:
         return ExperimentRegistry.from_yaml(path, z_window=z_window)
-    except (ValueError, FileNotFoundError) as err:
-        raise UsageError(f"{path}: {_with_hint(_one_line(err))}") from None
+    except CollectionError:
+        raise
+    except ValueError as err:
+        raise UsageError(f"{path}: {_one_line(err)}") from None
 
 
 def check_outputs(outputs: Sequence[tuple[Path | str, FileKind | None]], overwrite: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,8 +10,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
+from sampler.collection import CollectionError, ExperimentEntry, read_collection
 from sampler.kvstore import is_local, local_path, to_url
 from sampler.plate import FovMeta, PlateMeta, check_channel_count, read_fov, read_plate
 
@@ -28,7 +29,10 @@ class ChannelSource:
 
 @dataclass
 class Experiment:
-    """One experiment: a plate, its tracks, its channel map and its clock."""
+    """One experiment: a plate, its tracks, its channel map and its clock.
+
+    `origin` says where it was declared ("collection.yml: experiments[1] (name 'b')"), for errors.
+    """
 
     name: str
     data_path: str
@@ -43,7 +47,7 @@ class Experiment:
     exclude_fovs: list[str] = field(default_factory=list)
     pixel_size_xy_um: float | None = None
     pixel_size_z_um: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    origin: str = ""
 
     def perturbation_of(self, well: str) -> str:
         for label, wells in self.perturbation_wells.items():
@@ -51,97 +55,28 @@ class Experiment:
                 return label
         return "unknown"
 
+    def where(self, field_path: str) -> str:
+        """Where a field of this experiment was declared, for error messages."""
+        return f"{self.origin or f'experiment {self.name!r}'}.{field_path}"
 
-_EXPERIMENT_KEYS = {
-    "name", "data_path", "tracks_path", "channels", "perturbation_wells", "interval_minutes",
-    "start_hpi", "include_wells", "exclude_wells", "include_fovs", "exclude_fovs", "pixel_size_xy_um",
-    "pixel_size_z_um",
-}
+    @classmethod
+    def from_entry(cls, entry: ExperimentEntry, base_dir: str, datasets_root: str | None, origin: str) -> "Experiment":
+        """An Experiment from a validated YAML entry; relative paths are resolved against `base_dir`."""
 
+        def resolve(p: str) -> str:
+            if datasets_root is not None:
+                p = p.replace("${datasets_root}", datasets_root)
+            return p if "://" in p or os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
 
-def _parse_channels(exp_name: str, raw: Any) -> dict[str, ChannelSource]:
-    """Our mapping form {label: zarr_name | {name, wells}} or the reference's [{name, marker, wells}]."""
-    out: dict[str, ChannelSource] = {}
-    if isinstance(raw, dict):
-        for label, src in raw.items():
-            if isinstance(src, str):
-                out[str(label)] = ChannelSource(src)
-            elif isinstance(src, dict) and "name" in src:
-                out[str(label)] = ChannelSource(str(src["name"]), tuple(src.get("wells") or ()))
-            else:
-                raise ValueError(
-                    f"Experiment '{exp_name}': channel '{label}' must map to a zarr channel name "
-                    f"or {{name, wells}}, got {src!r}"
-                )
-    elif isinstance(raw, list):
-        for entry in raw:
-            if not isinstance(entry, dict) or "name" not in entry:
-                raise ValueError(
-                    f"Experiment '{exp_name}': channel entries must look like {{name, marker, wells}}, got {entry!r}"
-                )
-            label = str(entry.get("marker") or entry["name"])
-            if label in out:
-                raise ValueError(f"Experiment '{exp_name}': channel label '{label}' is given twice")
-            out[label] = ChannelSource(str(entry["name"]), tuple(entry.get("wells") or ()))
-    else:
-        raise ValueError(f"Experiment '{exp_name}': 'channels' must be a mapping or a list, got {raw!r}")
-    if not out:
-        raise ValueError(f"Experiment '{exp_name}': no channels given")
-    return out
-
-
-def experiment_from_dict(raw: dict[str, Any], base_dir: str | None = None, datasets_root: str | None = None) -> Experiment:
-    """An Experiment from one YAML entry; relative paths are resolved against `base_dir`."""
-    if not isinstance(raw, dict) or "name" not in raw:
-        raise ValueError(f"an experiment must be a mapping with a 'name', got {raw!r}")
-    name = str(raw["name"])
-    for key in ("data_path", "tracks_path", "channels", "perturbation_wells", "interval_minutes"):
-        if key not in raw:
-            raise ValueError(f"Experiment '{name}': missing required key '{key}'")
-
-    def resolve(p: str) -> str:
-        p = str(p)
-        if datasets_root is not None:
-            p = p.replace("${datasets_root}", datasets_root)
-        if "://" in p or base_dir is None or os.path.isabs(p):
-            return p
-        return os.path.normpath(os.path.join(base_dir, p))
-
-    perturbation_wells = raw["perturbation_wells"]
-    if not isinstance(perturbation_wells, dict):
-        raise ValueError(f"Experiment '{name}': perturbation_wells must map labels to lists of wells")
-    try:
-        interval = float(raw["interval_minutes"])
-    except (TypeError, ValueError):
-        raise ValueError(f"Experiment '{name}': interval_minutes must be a number, got {raw['interval_minutes']!r}") from None
-    return Experiment(
-        name=name,
-        data_path=resolve(raw["data_path"]),
-        tracks_path=resolve(raw["tracks_path"]),
-        channels=_parse_channels(name, raw["channels"]),
-        perturbation_wells={str(k): [str(w).strip("/") for w in (v or [])] for k, v in perturbation_wells.items()},
-        interval_minutes=interval,
-        start_hpi=float(raw.get("start_hpi", 0.0)),
-        include_wells=[str(w).strip("/") for w in raw.get("include_wells") or []],
-        exclude_wells=[str(w).strip("/") for w in raw.get("exclude_wells") or []],
-        include_fovs=[str(f).strip("/") for f in raw.get("include_fovs") or []],
-        exclude_fovs=[str(f).strip("/") for f in raw.get("exclude_fovs") or []],
-        pixel_size_xy_um=_optional_positive(name, "pixel_size_xy_um", raw.get("pixel_size_xy_um")),
-        pixel_size_z_um=_optional_positive(name, "pixel_size_z_um", raw.get("pixel_size_z_um")),
-        extra={k: v for k, v in raw.items() if k not in _EXPERIMENT_KEYS},
-    )
-
-
-def _optional_positive(exp_name: str, key: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        number = float("nan")
-    if not number > 0:
-        raise ValueError(f"Experiment '{exp_name}': {key} must be a positive number of microns, got {value!r}")
-    return number
+        return cls(
+            name=entry.name, data_path=resolve(entry.data_path), tracks_path=resolve(entry.tracks_path),
+            channels={label: ChannelSource(name, wells) for label, (name, wells) in entry.sources().items()},
+            perturbation_wells={k: list(v) for k, v in entry.perturbation_wells.items()},
+            interval_minutes=entry.interval_minutes, start_hpi=entry.start_hpi,
+            include_wells=list(entry.include_wells or []), exclude_wells=list(entry.exclude_wells or []),
+            include_fovs=list(entry.include_fovs or []), exclude_fovs=list(entry.exclude_fovs or []),
+            pixel_size_xy_um=entry.pixel_size_xy_um, pixel_size_z_um=entry.pixel_size_z_um, origin=origin,
+        )
 
 
 class ExperimentRegistry:
@@ -172,7 +107,8 @@ class ExperimentRegistry:
         seen: set[str] = set()
         for exp in experiments:
             if exp.name in seen:
-                raise ValueError(f"Duplicate experiment name '{exp.name}'. Each experiment must have a unique name.")
+                raise CollectionError(exp.where("name"), f"duplicate experiment name '{exp.name}'",
+                                      "give each experiment a unique name")
             seen.add(exp.name)
         if labels is None:
             labels = list(dict.fromkeys(label for exp in experiments for label in exp.channels))
@@ -213,72 +149,67 @@ class ExperimentRegistry:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_yaml(cls, path: str | os.PathLike[str], **settings: Any) -> "ExperimentRegistry":
-        """Read a collection YAML (safe loader); `settings` are the Z options of the constructor."""
-        path = Path(path)
-        with open(path) as f:
-            doc = yaml.safe_load(f)
-        if not isinstance(doc, dict) or not isinstance(doc.get("experiments"), list):
-            raise ValueError(f"{path}: a collection needs an 'experiments:' list")
-        base = str(path.resolve().parent)
-        root = doc.get("datasets_root")
-        experiments = [experiment_from_dict(e, base, None if root is None else str(root)) for e in doc["experiments"]]
-        labels = doc.get("channels")
-        if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
-            raise ValueError(f"{path}: top-level 'channels' must be a list of canonical channel labels")
-        return cls(experiments, labels, **settings)
+        """Read and validate a collection YAML (`sampler.collection`); `settings` are the Z options of the constructor."""
+        model = read_collection(path)
+        base = str(Path(path).resolve().parent)
+        experiments = [Experiment.from_entry(e, base, model.datasets_root, f"{os.fspath(path)}: experiments[{i}] "
+                                                                          f"(name {e.name!r})")
+                       for i, e in enumerate(model.experiments)]
+        return cls(experiments, model.channels, **settings)
 
     def _validate(self, exp: Experiment) -> None:
-        name = exp.name
-        if not exp.interval_minutes > 0:
-            raise ValueError(f"Experiment '{name}': interval_minutes must be positive, got {exp.interval_minutes}.")
-        if not exp.perturbation_wells:
-            raise ValueError(f"Experiment '{name}': perturbation_wells must not be empty.")
-        for label, wells in exp.perturbation_wells.items():
-            if not wells:
-                raise ValueError(f"Experiment '{name}': perturbation '{label}' lists no wells.")
+        """Check an experiment against its plate: path, wells, FOVs, selection, channels; record its maps."""
         unknown = [label for label in exp.channels if label not in self.labels]
         if unknown:
-            raise ValueError(
-                f"Experiment '{name}': channel labels {unknown} are not among the collection's labels {self.labels}."
-            )
+            raise CollectionError(exp.where("channels"), f"labels {unknown} are not among the collection's labels "
+                                  f"{self.labels}", "add them to the top-level 'channels' list or fix the labels")
         try:
             url = to_url(exp.data_path)
         except ValueError as err:
-            raise ValueError(f"Experiment '{name}': data_path {err}") from None
+            raise CollectionError(exp.where("data_path"), str(err), "fix data_path") from None
         if is_local(url) and not os.path.isdir(local_path(url)):
-            raise ValueError(f"Experiment '{name}': data_path does not exist: {exp.data_path}")
+            raise CollectionError(exp.where("data_path"), f"does not exist: {exp.data_path}",
+                                  "fix data_path (a relative path is resolved against the YAML's folder)")
         try:
             plate = read_plate(exp.data_path)
         except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"Experiment '{name}': {err}") from None
-        wells = set(plate.wells)
-        listed = [w for ws in exp.perturbation_wells.values() for w in ws] + exp.include_wells
-        missing_wells = sorted(set(listed) - wells)
-        if missing_wells:
-            raise ValueError(
-                f"Experiment '{name}': wells {missing_wells} are not in the plate {exp.data_path}. "
-                f"Wells there: {sorted(wells)}."
-            )
-        first = next((f for f in plate.fov_names if f.rsplit("/", 1)[0] in listed), None)
-        if first is None:
-            raise ValueError(f"Experiment '{name}': the selected wells hold no FOVs in {exp.data_path}.")
-        fov = read_fov(plate, first)
+            raise CollectionError(exp.where("data_path"), str(err),
+                                  "data_path must be an OME-Zarr HCS plate: the folder holding the plate's zarr.json "
+                                  "or .zattrs, not one of its wells or FOVs") from None
+        named = [(f"perturbation_wells.{label}", wells, plate.wells) for label, wells in exp.perturbation_wells.items()]
+        named += [("include_wells", exp.include_wells, plate.wells), ("exclude_wells", exp.exclude_wells, plate.wells),
+                  ("include_fovs", exp.include_fovs, plate.fov_names), ("exclude_fovs", exp.exclude_fovs,
+                                                                         plate.fov_names)]
+        for field_path, listed, there in named:
+            absent = [x for x in listed if x not in there]
+            if absent:
+                close = difflib.get_close_matches(absent[0], there, n=1)
+                raise CollectionError(
+                    exp.where(field_path), f"{absent} {'are' if len(absent) > 1 else 'is'} not in the plate "
+                    f"{exp.data_path}", (f"did you mean '{close[0]}'? " if close else "") + f"there: {there[:24]}"
+                    + (" ..." if len(there) > 24 else ""))
+        for field_path, fovs in _selection(exp, plate.fov_names):
+            if not fovs:
+                raise CollectionError(exp.where(field_path), "leaves no FOV to read",
+                                      "this experiment's perturbation_wells and include/exclude lists select nothing: "
+                                      "widen them, or remove the experiment")
+        fov = read_fov(plate, _selection(exp, plate.fov_names)[-1][1][0])
         zarr_channels = fov.channel_names
         missing = [src.zarr_name for src in exp.channels.values() if src.zarr_name not in zarr_channels]
         if missing:
-            raise ValueError(
-                f"Experiment '{name}': channels {missing} not found in zarr. Available: {zarr_channels}."
-            )
-        check_channel_count(name, fov)
-        self.plates[name] = plate
-        self.first_fovs[name] = fov
-        self.zarr_channels[name] = zarr_channels
-        self.channel_maps[name] = {
+            raise CollectionError(exp.where("channels"), f"zarr channels {missing} not found in the plate "
+                                  f"(FOV {fov.name}); available: {zarr_channels}",
+                                  "map each label to one of the available zarr channel names")
+        check_channel_count(exp.name, fov)
+        self.plates[exp.name] = plate
+        self.first_fovs[exp.name] = fov
+        self.zarr_channels[exp.name] = zarr_channels
+        self.channel_maps[exp.name] = {
             i: zarr_channels.index(exp.channels[label].zarr_name)
             for i, label in enumerate(self.labels)
             if label in exp.channels
         }
-        self.z_ranges[name] = self._z_range(exp, plate, fov.array.shape[2])
+        self.z_ranges[exp.name] = self._z_range(exp, plate, fov.array.shape[2])
 
     def _z_range(self, exp: Experiment, plate: PlateMeta, z_total: int) -> tuple[int, int]:
         z_extract = self.z_extraction_window or self.z_window
@@ -322,15 +253,7 @@ class ExperimentRegistry:
 
     def selected_fovs(self, name: str) -> list[str]:
         """FOV names of an experiment after perturbation, include and exclude filters (plate order)."""
-        exp = self[name]
-        wells = {w for ws in exp.perturbation_wells.values() for w in ws}
-        if exp.include_wells:
-            wells &= set(exp.include_wells)
-        wells -= set(exp.exclude_wells)
-        fovs = [f for f in self.plates[name].fov_names if f.rsplit("/", 1)[0] in wells]
-        if exp.include_fovs:
-            fovs = [f for f in fovs if f in exp.include_fovs]
-        return [f for f in fovs if f not in exp.exclude_fovs]
+        return _selection(self[name], self.plates[name].fov_names)[-1][1]
 
     def read_box(self, name: str, patch_yx: tuple[int, int]) -> tuple[int, int, int, int]:
         """(z_start, z_count, y_size, x_size) of an experiment's read box for a common `patch_yx`.
@@ -363,3 +286,16 @@ class ExperimentRegistry:
 def _scale(reference: float | None, pixel: float | None) -> float:
     """reference / experiment pixel size, 1 when either is unknown (as the reference)."""
     return 1.0 if reference is None or pixel is None else reference / pixel
+
+
+def _selection(exp: Experiment, plate_fovs: list[str]) -> list[tuple[str, list[str]]]:
+    """The FOVs left after each selection field, in order: (field, FOVs); the last is the selection."""
+    steps = [("perturbation_wells", {w for ws in exp.perturbation_wells.values() for w in ws})]
+    if exp.include_wells:
+        steps.append(("include_wells", steps[-1][1] & set(exp.include_wells)))
+    steps.append(("exclude_wells", steps[-1][1] - set(exp.exclude_wells)))
+    out = [(field_path, [f for f in plate_fovs if f.rsplit("/", 1)[0] in wells]) for field_path, wells in steps]
+    if exp.include_fovs:
+        out.append(("include_fovs", [f for f in out[-1][1] if f in exp.include_fovs]))
+    out.append(("exclude_fovs", [f for f in out[-1][1] if f not in exp.exclude_fovs]))
+    return out

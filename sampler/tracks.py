@@ -119,6 +119,18 @@ def _parse_slow(source: str, col: str, values: pd.Series) -> np.ndarray:
     if col in ("y", "x"):
         return numbers
     numbers = np.where(np.isnan(numbers), MISSING.get(col, -1), numbers)
+    # pyarrow reads an integer column as float64 when one value is outside int64 or one entry is missing:
+    # refuse what float64 cannot hold exactly rather than wrap (2^63 -> -2^63) or merge ids
+    too_big = np.abs(numbers) >= 2.0**53
+    if too_big.any():
+        row = int(np.flatnonzero(too_big)[0])
+        beyond = not -(2.0**63) < numbers[row] < 2.0**63
+        raise ValueError(
+            f"{source}: column '{col}' has {values.iloc[row]} at data row {row + 1}, "
+            + ("beyond int64 (-2^63 .. 2^63-1); renumber that column's values" if beyond else
+               "too large to read exactly (2^53 or more) in a column with missing or non-numeric entries; renumber "
+               "that column's values or fill its missing entries")
+        )
     if not np.all(numbers == np.round(numbers)):
         row = int(np.flatnonzero(numbers != np.round(numbers))[0])
         raise ValueError(

@@ -68,7 +68,7 @@ def yaml_unparsable(tmp_path):
 def yaml_missing_field(tmp_path):
     bad = tmp_path / "bad.yml"
     bad.write_text("experiments: [{name: a, tracks_path: t}]\n")
-    return ["index", bad], [f"{bad}: Experiment 'a': missing required key 'data_path'", "add it"]
+    return ["index", bad], [f"{bad}: experiments[0] (name 'a').data_path: missing; add data_path: the HCS OME-Zarr"]
 
 
 def yaml_missing_file(tmp_path):
@@ -80,7 +80,8 @@ def data_path_missing(tmp_path):
     doc = yaml.safe_load(path.read_text())
     doc["experiments"][0]["data_path"] = str(tmp_path / "nowhere.zarr")
     path.write_text(yaml.safe_dump(doc))
-    return ["index", path], ["Experiment 'exp': data_path does not exist", "nowhere.zarr", "fix data_path"]
+    return ["index", path], [f"{path}: experiments[0] (name 'exp').data_path: does not exist", "nowhere.zarr",
+                             "fix data_path"]
 
 
 def data_path_not_a_plate(tmp_path):
@@ -88,7 +89,8 @@ def data_path_not_a_plate(tmp_path):
     doc = yaml.safe_load(path.read_text())
     doc["experiments"][0]["data_path"] = str(tmp_path / "exp.zarr" / "A" / "1" / "0")  # an FOV, not the plate
     path.write_text(yaml.safe_dump(doc))
-    return ["index", path], ["Experiment 'exp'", "not an OME-Zarr HCS plate", "data_path must be"]
+    return ["index", path], [f"{path}: experiments[0] (name 'exp').data_path: ", "not an OME-Zarr HCS plate",
+                             "data_path must be"]
 
 
 def data_path_plain_folder(tmp_path):
@@ -97,13 +99,15 @@ def data_path_plain_folder(tmp_path):
     doc = yaml.safe_load(path.read_text())
     doc["experiments"][0]["data_path"] = str(tmp_path / "plain")
     path.write_text(yaml.safe_dump(doc))
-    return ["index", path], ["Experiment 'exp'", "no OME-Zarr group here", "data_path must be"]
+    return ["index", path], [f"{path}: experiments[0] (name 'exp').data_path: ", "no OME-Zarr group here",
+                             "data_path must be"]
 
 
 def channel_missing_in_zarr(tmp_path):
     e = make_experiment(tmp_path, "exp", {"A/1/0": lineage_tracks()}, ["P"], {"p": "Nope"})
-    return ["index", write_collection(tmp_path, [e])], ["Experiment 'exp': channels ['Nope'] not found in zarr",
-                                                        "Available: ['P']", "map each label"]
+    path = write_collection(tmp_path, [e])
+    return ["index", path], [f"{path}: experiments[0] (name 'exp').channels: zarr channels ['Nope'] not found",
+                             "available: ['P']", "map each label"]
 
 
 def channel_label_missing(tmp_path):

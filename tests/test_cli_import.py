@@ -199,7 +199,8 @@ def test_import_bad_input(tmp_path, capsys):
     moved = tmp_path / "moved.parquet"
     pq.write_table(pa.Table.from_pandas(ref, schema=CELL_INDEX_SCHEMA, preserve_index=False), moved)
     rc, _, err = run(["import-cell-index", moved, tmp_path / "o.yml"], capsys)
-    assert rc == 2 and err.count("\n") == 1 and "Experiment 'expB': data_path does not exist" in err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"{moved}: imported as o.yml: experiments[1] (name 'expB').data_path: does not exist" in err
     assert not (tmp_path / "o.yml").exists()
 
 

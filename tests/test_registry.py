@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -105,51 +106,58 @@ def test_well_and_fov_selection(tmp_path):
 
 
 def _error(tmp_path, match, labels=None, **change):
+    """The error of expA's collection with `change`: it starts with the YAML, the experiment and the field."""
     tmp_path = Path(tempfile.mkdtemp(dir=tmp_path))
     e = make_experiment(tmp_path, "expA", TRACKS, ["Phase3D", "GFP"], {"p": "Phase3D"})
     e.update(change)
-    with pytest.raises(ValueError, match=match):
-        ExperimentRegistry.from_yaml(write_collection(tmp_path, [e], labels=labels))
+    path = write_collection(tmp_path, [e], labels=labels)
+    with pytest.raises(ValueError, match=re.escape(f"{path}: experiments[0] (name 'expA').") + match):
+        ExperimentRegistry.from_yaml(path)
 
 
 def test_error_interval_not_positive(tmp_path):
-    _error(tmp_path, r"Experiment 'expA': interval_minutes must be positive, got 0.0", interval_minutes=0)
-    _error(tmp_path, r"Experiment 'expA': interval_minutes must be positive, got -5.0", interval_minutes=-5)
+    _error(tmp_path, r"interval_minutes: expected a number > 0, got 0; interval_minutes: minutes between frames",
+           interval_minutes=0)
+    _error(tmp_path, r"interval_minutes: expected a number > 0, got -5", interval_minutes=-5)
 
 
 def test_error_empty_wells(tmp_path):
-    _error(tmp_path, r"Experiment 'expA': perturbation_wells must not be empty", perturbation_wells={})
-    _error(tmp_path, r"Experiment 'expA': perturbation 'mock' lists no wells", perturbation_wells={"mock": []})
+    _error(tmp_path, r"perturbation_wells: must not be empty", perturbation_wells={})
+    _error(tmp_path, r"perturbation_wells.mock: must not be empty", perturbation_wells={"mock": []})
 
 
 def test_error_missing_data_path(tmp_path):
-    _error(tmp_path, r"Experiment 'expA': data_path does not exist: .*nowhere.zarr",
-           data_path=str(tmp_path / "nowhere.zarr"))
+    _error(tmp_path, r"data_path: does not exist: .*nowhere.zarr; fix data_path", data_path=str(tmp_path / "nowhere.zarr"))
 
 
 def test_error_channels_absent_from_zarr_lists_what_is_there(tmp_path):
-    _error(tmp_path, r"channels \['RFP'\] not found in zarr. Available: \['Phase3D', 'GFP'\]",
-           channels={"p": "Phase3D", "r": "RFP"})
+    _error(tmp_path, r"channels: zarr channels \['RFP'\] not found in the plate \(FOV A/1/0\); available: "
+                     r"\['Phase3D', 'GFP'\]", channels={"p": "Phase3D", "r": "RFP"})
 
 
 def test_error_unknown_label_and_wells(tmp_path):
-    _error(tmp_path, r"channel labels \['p'\] are not among the collection's labels \['x'\]", labels=["x"])
-    _error(tmp_path, r"wells \['C/9'\] are not in the plate .* Wells there: \['A/1'\]",
+    _error(tmp_path, r"channels: labels \['p'\] are not among the collection's labels \['x'\]", labels=["x"])
+    _error(tmp_path, r"perturbation_wells.mock: \['C/9'\] is not in the plate .* there: \['A/1'\]",
            perturbation_wells={"mock": ["A/1", "C/9"]})
 
 
 def test_error_duplicate_names_and_missing_keys(tmp_path):
     e = make_experiment(tmp_path, "expA", TRACKS, ["P"], {"p": "P"})
-    with pytest.raises(ValueError, match="Duplicate experiment name 'expA'"):
-        ExperimentRegistry.from_yaml(write_collection(tmp_path, [e, dict(e)]))
-    broken = {k: v for k, v in e.items() if k != "tracks_path"}
-    with pytest.raises(ValueError, match="Experiment 'expA': missing required key 'tracks_path'"):
-        ExperimentRegistry.from_yaml(write_collection(tmp_path, [broken]))
-    with pytest.raises(ValueError, match="Empty experiments list"):
-        ExperimentRegistry.from_yaml(write_collection(tmp_path, []))
+    path = write_collection(tmp_path, [e, dict(e)])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: experiments[1] (name 'expA').name: duplicate "
+                                                   "experiment name 'expA'; give each experiment a unique name")):
+        ExperimentRegistry.from_yaml(path)
+    path = write_collection(tmp_path, [{k: v for k, v in e.items() if k != "tracks_path"}])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: experiments[0] (name 'expA').tracks_path: missing; "
+                                                   "add tracks_path: the folder holding")):
+        ExperimentRegistry.from_yaml(path)
+    path = write_collection(tmp_path, [])
+    with pytest.raises(ValueError, match=re.escape(f"{path}: experiments: must not be empty")):
+        ExperimentRegistry.from_yaml(path)
 
 
 def test_error_not_a_plate(tmp_path):
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
-    _error(tmp_path, r"Experiment 'expA': .*not an OME-Zarr HCS plate", data_path=str(tmp_path / "plain"))
+    _error(tmp_path, r"data_path: .*not an OME-Zarr HCS plate.*; data_path must be an OME-Zarr HCS plate",
+           data_path=str(tmp_path / "plain"))

@@ -28,7 +28,7 @@ import yaml
 
 from builders import expected_patches, make_experiment, pixels, track_rows, tracks_table, write_collection
 from dali_pipeline import PatchReader, PatchReadError
-from sampler import ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler, make_plan
+from sampler import CollectionError, ExperimentRegistry, IndexConfig, LineageIndex, TripletSampler, make_plan
 from sampler.tracks import parse_tracks
 from test_reader import build, collection, tree_hash
 
@@ -436,8 +436,11 @@ def test_yaml_is_loaded_safely(tmp_path, capsys):
                      "    tracks_path: t\n    channels: {p: P}\n    perturbation_wells: {mock: [A/1]}\n"
                      "    interval_minutes: 30\n")
     for evil in (top, inner):
-        with pytest.raises(yaml.constructor.ConstructorError, match=re.escape(PYTHON_TAG)):
+        # the library's error names the file, the line and the tag (the YAML error chained)
+        with pytest.raises(CollectionError, match=re.escape(f"{evil}: not valid YAML at line ") + ".*"
+                           + re.escape(PYTHON_TAG)) as raised:
             ExperimentRegistry.from_yaml(evil)
+        assert isinstance(raised.value.__cause__, yaml.constructor.ConstructorError)
         # the CLI says which file, where, and why, in one line (exit code 2)
         assert main(["index", str(evil)]) == 2
         err = capsys.readouterr().err
@@ -477,7 +480,8 @@ def test_odd_paths_are_taken_literally_never_expanded_nor_run(tmp_path, monkeypa
         resolved = raw if raw.startswith("/") else os.path.normpath(os.path.join(coll, raw))
         path = write_collection(coll, [dict(real, **{key: raw})])
         if key == "data_path":
-            with pytest.raises(ValueError, match=re.escape(f"Experiment 'a': data_path does not exist: {resolved}")):
+            with pytest.raises(ValueError, match=re.escape(f"{path}: experiments[0] (name 'a').data_path: does not "
+                                                           f"exist: {resolved}")):
                 ExperimentRegistry.from_yaml(path)
         else:  # the registry reports the literal folder; the index build says it holds no CSV
             registry = ExperimentRegistry.from_yaml(path)
@@ -580,3 +584,24 @@ def test_tracks_outside_the_image_are_dropped_and_an_fov_with_none_inside_is_an_
     with pytest.raises(ValueError, match=r"Experiment 'b', FOV A/1/0: all 6 rows of its tracks CSV lie outside"):
         LineageIndex.build(ExperimentRegistry.from_yaml(write_collection(root, [b], ["gfp"])),
                            IndexConfig(patch_yx=(16, 16)), progress=False)
+
+
+@pytest.mark.parametrize("value, why", [("9223372036854775808", "beyond int64"), ("-9223372036854775809", "beyond int64"),
+                                        ("18446744073709551616", "beyond int64")])
+def test_a_track_id_beyond_int64_is_refused_naming_the_csv_row_and_column(value, why):
+    raw = f"track_id,t,y,x,parent_track_id\n1,0,1,1,-1\n{value},1,2,2,1\n".encode()
+    with pytest.raises(ValueError, match=rf"^tracks\.csv: column 'track_id' has .* at data row 2, {why}"):
+        parse_tracks("tracks.csv", raw)
+    # the same in parent_track_id; int64's last value still reads exactly
+    raw = f"track_id,t,y,x,parent_track_id\n1,0,1,1,-1\n2,1,2,2,{value}\n".encode()
+    with pytest.raises(ValueError, match=rf"^tracks\.csv: column 'parent_track_id' has .* at data row 2, {why}"):
+        parse_tracks("tracks.csv", raw)
+    top = parse_tracks("tracks.csv", b"track_id,t,y,x\n1,0,1,1\n9223372036854775807,1,2,2\n")
+    assert top["track_id"].tolist() == [1, 2**63 - 1]
+
+
+def test_ids_float64_cannot_hold_are_refused_not_merged():
+    # a missing entry makes pyarrow read the column as float64: 2^53 + 1 would become 2^53, another track's id
+    raw = b"track_id,t,y,x,parent_track_id\n9007199254740992,0,1,1,\n9007199254740994,0,2,2,9007199254740993\n"
+    with pytest.raises(ValueError, match=r"column 'parent_track_id' has .* at data row 2, too large to read exactly"):
+        parse_tracks("tracks.csv", raw)
