@@ -17,11 +17,17 @@
 #   h2d         benchmarks/h2d_feed.py: DALI's host-to-GPU feed from pageable vs pinned step buffers
 # The summary (stages, seconds, status and the goal lines of each benchmark) is printed and written
 # to benchmarks/results/gpu_check.json; the exit status is non-zero if any stage failed.
+# The GPU machine has no pydantic (the collection schema needs it): carry its wheels in .whl/ as
+# docs/gpu.md says; with them there, this script installs them into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 export DYNACLR_DALI_CACHE="${TMPDIR:-/tmp}/dynaclr-dali-cache"
+if ! python3 -c 'import pydantic' 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl &&
+    export PYTHONPATH="/tmp/site:$PYTHONPATH"
+fi
 ALL=(env tests parity cache throughput augment h2d)
 STAGES=("${@:-${ALL[@]}}")
 RESULTS=benchmarks/results
