@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from sampler.kvstore import is_local, local_path, to_url
+from sampler.kvstore import RemoteLimits, RemoteReadError, is_local, local_path, to_url
 from sampler.plate import FovMeta, PlateMeta, read_fov, read_plate
 
 
@@ -43,6 +43,8 @@ class Experiment:
     exclude_fovs: list[str] = field(default_factory=list)
     pixel_size_xy_um: float | None = None
     pixel_size_z_um: float | None = None
+    #: bounds on its remote reads (YAML `remote:`, collection level, then experiment level)
+    remote: RemoteLimits = RemoteLimits()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def perturbation_of(self, well: str) -> str:
@@ -55,7 +57,7 @@ class Experiment:
 _EXPERIMENT_KEYS = {
     "name", "data_path", "tracks_path", "channels", "perturbation_wells", "interval_minutes",
     "start_hpi", "include_wells", "exclude_wells", "include_fovs", "exclude_fovs", "pixel_size_xy_um",
-    "pixel_size_z_um",
+    "pixel_size_z_um", "remote",
 }
 
 
@@ -90,8 +92,12 @@ def _parse_channels(exp_name: str, raw: Any) -> dict[str, ChannelSource]:
     return out
 
 
-def experiment_from_dict(raw: dict[str, Any], base_dir: str | None = None, datasets_root: str | None = None) -> Experiment:
-    """An Experiment from one YAML entry; relative paths are resolved against `base_dir`."""
+def experiment_from_dict(
+    raw: dict[str, Any], base_dir: str | None = None, datasets_root: str | None = None,
+    remote: RemoteLimits = RemoteLimits(),
+) -> Experiment:
+    """An Experiment from one YAML entry; relative paths are resolved against `base_dir`; its
+    `remote:` keys replace those of `remote` (the collection's)."""
     if not isinstance(raw, dict) or "name" not in raw:
         raise ValueError(f"an experiment must be a mapping with a 'name', got {raw!r}")
     name = str(raw["name"])
@@ -128,6 +134,7 @@ def experiment_from_dict(raw: dict[str, Any], base_dir: str | None = None, datas
         exclude_fovs=[str(f).strip("/") for f in raw.get("exclude_fovs") or []],
         pixel_size_xy_um=_optional_positive(name, "pixel_size_xy_um", raw.get("pixel_size_xy_um")),
         pixel_size_z_um=_optional_positive(name, "pixel_size_z_um", raw.get("pixel_size_z_um")),
+        remote=remote.updated(raw.get("remote"), f"Experiment '{name}'"),
         extra={k: v for k, v in raw.items() if k not in _EXPERIMENT_KEYS},
     )
 
@@ -221,7 +228,9 @@ class ExperimentRegistry:
             raise ValueError(f"{path}: a collection needs an 'experiments:' list")
         base = str(path.resolve().parent)
         root = doc.get("datasets_root")
-        experiments = [experiment_from_dict(e, base, None if root is None else str(root)) for e in doc["experiments"]]
+        remote = RemoteLimits().updated(doc.get("remote"), "collection")
+        experiments = [experiment_from_dict(e, base, None if root is None else str(root), remote)
+                       for e in doc["experiments"]]
         labels = doc.get("channels")
         if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
             raise ValueError(f"{path}: top-level 'channels' must be a list of canonical channel labels")
@@ -248,7 +257,9 @@ class ExperimentRegistry:
         if is_local(url) and not os.path.isdir(local_path(url)):
             raise ValueError(f"Experiment '{name}': data_path does not exist: {exp.data_path}")
         try:
-            plate = read_plate(exp.data_path)
+            plate = read_plate(exp.data_path, exp.remote)
+        except RemoteReadError as err:
+            raise RemoteReadError(f"Experiment '{name}': {err}") from None
         except (FileNotFoundError, ValueError) as err:
             raise ValueError(f"Experiment '{name}': {err}") from None
         wells = set(plate.wells)
@@ -262,7 +273,10 @@ class ExperimentRegistry:
         first = next((f for f in plate.fov_names if f.rsplit("/", 1)[0] in listed), None)
         if first is None:
             raise ValueError(f"Experiment '{name}': the selected wells hold no FOVs in {exp.data_path}.")
-        fov = read_fov(plate, first)
+        try:
+            fov = read_fov(plate, first)
+        except RemoteReadError as err:
+            raise RemoteReadError(f"Experiment '{name}': {err}") from None
         zarr_channels = fov.channel_names
         missing = [src.zarr_name for src in exp.channels.values() if src.zarr_name not in zarr_channels]
         if missing:
