@@ -170,7 +170,8 @@ def read_remote(url: str, key: str, limits: RemoteLimits) -> bytes | None:
         raise
     except (ValueError, OSError) as err:  # tensorstore's errors after its retries
         raise RemoteReadError(
-            f"{url}{key}: {err}; check that the server is reachable (remote retries={limits.retries})"
+            f"{url}{key}: {err}; check the URL and that the server is reachable (failed after remote "
+            f"retries={limits.retries}; 'remote:' in the collection YAML sets retries and timeout_s)"
         ) from None
     return bytes(result.value) if result.state == "value" else None
 
@@ -185,7 +186,8 @@ def list_remote(url: str, limits: RemoteLimits) -> list[str]:
         raise
     except (ValueError, OSError) as err:
         raise RemoteReadError(
-            f"{url}: listing failed: {err}; check that the server is reachable (remote retries={limits.retries})"
+            f"{url}: listing failed: {err}; check the URL and that the server is reachable (failed after remote "
+            f"retries={limits.retries}; 'remote:' in the collection YAML sets retries and timeout_s)"
         ) from None
     return [k.decode() for k in keys if b"/" not in k]
 
