@@ -214,14 +214,19 @@ def test_the_chunk_cache_bounds_a_stall_and_forgets_the_reads(tmp_path, server):
 
     index = build(remote_collection(tmp_path, server.url, remote=FAST))
     t = index.column("t")
-    first, later = (make_plan(index, np.flatnonzero(t == k)[:2], None, predict=True) for k in (0, 3))
+    first = make_plan(index, np.flatnonzero(t == 0)[:2], None, predict=True)
+    # a step with a cached chunk (t=0) and chunks to read (t=3)
+    later = make_plan(index, np.concatenate([np.flatnonzero(t == 0)[:1], np.flatnonzero(t == 3)[:2]]), None,
+                      predict=True)
     chunks = ChunkStore(1 << 26)
     reader = CachedPatchReader(index, store=chunks)
     np.testing.assert_array_equal(reader.read(first).anchor, expected_patches(index, first.anchor_boxes))
     server.mode = "stall"  # the store is open; the chunks of t=3 are not cached
+    hits = chunks.cache.stats.hits
     start = time.monotonic()
     with pytest.raises(PatchReadError, match=r"Experiment 'a', FOV A/1/0 \(http://.*\): the step's reads got no "
                                              r"complete answer within remote timeout_s=2 s"):
         reader.read(later)
     assert time.monotonic() - start < FAST["timeout_s"] + SLACK_S
+    assert chunks.cache.stats.hits > hits  # the t=0 chunk came from the cache
     assert chunks.inflight == {} and chunks.pins == {}  # a later plan reads them again
