@@ -9,7 +9,8 @@ batched box copy over the step's piece table (`assembly`), channels canonical, s
 crosses PCIe: only chunks do, once. The patches equal PatchReader's for the same plans.
 
 A plan whose chunk reads fail is read again by the uncached path, which names the failing box or
-skips samples as `on_read_error` says. Chunks a pending plan needs are held by it until its
+skips samples as `on_read_error` says; a remote store that outlives its deadline raises at once.
+A chunk path in a local store that is not a regular file (a folder) raises before it is read. Chunks a pending plan needs are held by it until its
 result is taken, so an eviction in between costs memory for a moment, never a wrong or second read.
 """
 
@@ -62,11 +63,18 @@ class PendingCachedRead:
 
     def result(self) -> Patches:
         reader = self.reader
+        deadline = reader._deadline(self.plan)
         try:
             try:  # every read decoded first, so that the uploads then go back to back on the GPU's stream
                 for item in self.held:
                     if isinstance(item, _Fetch) and item.chunk is None:
-                        item.future.result()
+                        reader._wait(item.future, deadline)
+            except TimeoutError:  # a remote store that does not answer: not retried by the uncached path
+                for item in self.held:
+                    if isinstance(item, _Fetch) and item.chunk is None:
+                        item.future.cancel()
+                reader._forget(self.held)
+                raise reader._timeout_error(self.plan) from None
             except Exception:  # tensorstore raises ValueError/OSError subclasses
                 reader._forget(self.held)
                 return reader._uncached(self.plan)
@@ -237,12 +245,15 @@ class CachedPatchReader(PatchReader):
             held.append(chunk)
             if chunk is None:
                 missing.append((len(held) - 1, at, key))
+        if missing and any(self._chunk_file_problem(at[0], np.asarray(at[1:])) for _, at, _ in missing):
+            store.unpin(keys)
+            self._check_chunk_files(plan)  # raises, naming the box
         if missing:
             with ts.Batch() as batch:
                 for slot, at, key in missing:
                     fov, origin = at[0], np.array(at[1:]) * self._chunks[at[0]]
                     end = np.minimum(origin + self._chunks[fov], self._shape[fov])
-                    view = self._raw_store(fov)[tuple(slice(int(a), int(b)) for a, b in zip(origin, end))]
+                    view = self._raw_store(fov, lenient=True)[tuple(slice(int(a), int(b)) for a, b in zip(origin, end))]
                     buffer = self.arrays.staging(tuple(int(v) for v in end - origin), view.dtype.numpy_dtype)
                     if buffer is not None:  # decoded straight into a recycled or pinned host buffer
                         future = ts.array(buffer, copy=False, write=True).write(view.translate_to[0])

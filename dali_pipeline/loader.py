@@ -54,8 +54,8 @@ class TripletLoader:
     minimum. Not counted: per-sample statistics, ids and augmentation parameters (bytes per
     sample), DALI's operator scratch space, and with `workers` the workers' shared-memory slots.
     Other keyword options go to the PatchReader (`strict`, `on_read_error="raise" | "skip"`,
-    `max_skip_fraction`, `max_patch_bytes`, `max_chunk_bytes`, cache and concurrency); with "skip",
-    `loader.reader.stats.skipped` counts replaced samples (in this process: with `workers`, each
+    `max_skip_fraction`, `max_patch_bytes`, `max_chunk_bytes`, `remote` limits, cache and concurrency);
+    with "skip", `loader.reader.stats.skipped` counts replaced samples (in this process: with `workers`, each
     worker counts its own).
 
     `cache_bytes` > 0 reads each chunk once and keeps it decoded in a ChunkCache on the pipeline's

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ import tensorstore as ts
 
 from sampler import BatchPlan, LineageIndex, ReadBoxes
 from sampler.augment import AugmentConfig
+from sampler.kvstore import RemoteLimits, is_local, local_path
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ def kvstore_reads() -> int:
 
 
 class PatchReadError(RuntimeError):
-    """A read box could not be read (corrupt, truncated or, in strict mode, missing chunk)."""
+    """A read box could not be read (corrupt, truncated, not a regular file, a remote store that does
+    not answer within its limits or, in strict mode, a missing chunk)."""
 
 
 @dataclass
@@ -93,11 +96,25 @@ class PendingRead:
     groups: list[tuple[np.ndarray, ts.Future]]
     nbytes: int
     _views: list = field(repr=False, default_factory=list)
+    #: read through stores that fill missing chunks (after the chunk files were checked)
+    lenient: bool = False
 
     def result(self) -> Patches:
+        reader = self.reader
+        deadline = reader._deadline(self.plan)
         try:
-            parts = [(members, future.result()) for members, future in self.groups]
+            parts = [(members, reader._wait(future, deadline)) for members, future in self.groups]
+        except TimeoutError:
+            for _, future in self.groups:
+                future.cancel()
+            raise reader._timeout_error(self.plan) from None
         except Exception as err:  # tensorstore raises ValueError/OSError subclasses
+            if not self.lenient and not reader.strict and reader._reads_local(self.plan):
+                # local stores are read without filling missing chunks first: a missing chunk reads as
+                # the fill value only once its path is checked (a folder there is an error); then read
+                # again, filling, so that skip or raise below see real failures only
+                reader._check_chunk_files(self.plan)
+                return reader._issue(self.plan, lenient=True).result()
             if self.reader.on_read_error == "skip":
                 return self.reader._skip_failed(self.plan, self._views, err)
             self.reader._raise_for_box(self.plan, self._views, err)
@@ -118,7 +135,13 @@ class PatchReader:
 
     `cache_pool_bytes` bounds tensorstore's chunk cache (0 = no caching, as production uses for
     random access); `concurrency` bounds its file I/O and decode threads; `strict` makes a missing
-    chunk an error instead of the fill value.
+    chunk an error instead of the fill value. A chunk or shard path that exists but is not a regular
+    file (a folder) is always a PatchReadError naming the FOV, the box and the path.
+
+    `remote` bounds reads of remote stores (http, gcs, s3): retries, backoff and the deadline of each
+    wait (opening a store, one plan's pixels); None takes each experiment's limits from the index
+    (the collection YAML's `remote:`; defaults: `RemoteLimits()`). A store that does not answer in
+    time raises PatchReadError naming the experiment, FOV and URL. Local reads are not timed out.
 
     `on_read_error="raise"` (default) raises a PatchReadError naming the experiment, FOV, t and box
     of the first failing read. `"skip"` replaces each sample whose anchor or positive box fails by
@@ -146,6 +169,7 @@ class PatchReader:
         max_patch_bytes: int | None = MAX_PATCH_BYTES,
         max_chunk_bytes: int | None = MAX_CHUNK_BYTES,
         crop_yx: tuple[int, int] | None = None,
+        remote: RemoteLimits | None = None,
     ) -> None:
         if on_read_error not in ("raise", "skip"):
             raise ValueError(f"on_read_error must be 'raise' or 'skip', got {on_read_error!r}")
@@ -165,6 +189,11 @@ class PatchReader:
         self._chunks = index.fovs[[f"chunk_{a}" for a in "tczyx"]].to_numpy().astype(np.int64)
         self._itemsize = np.array([np.dtype(index.experiments.storage_dtype[e]).itemsize for e in index.fovs.exp])
         self._fov_box = index.exp_box[index.fovs.exp.to_numpy()].copy()
+        exp_limits = [remote if remote is not None else _index_limits(index, e) for e in range(len(index.experiments))]
+        #: per FOV: its remote limits (None for a local store)
+        self._limits: list[RemoteLimits | None] = [
+            None if is_local(url) else exp_limits[e] for url, e in zip(index.fovs.url, index.fovs.exp.tolist())
+        ]
         self.crop_yx = None if crop_yx is None else _check_crop(index, crop_yx)
         if self.crop_yx is not None:
             self._fov_box[:, 1:] = self.crop_yx
@@ -198,15 +227,19 @@ class PatchReader:
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._context: ts.Context | None = None
-        self._raw: dict[int, ts.TensorStore] = {}
-        self._stores: dict[int, ts.TensorStore] = {}
+        self._contexts: dict[RemoteLimits | None, ts.Context] = {}
+        self._raw: dict[tuple[int, bool], ts.TensorStore] = {}  # by (fov, fills missing chunks)
+        self._stores: dict[int, ts.TensorStore] = {}  # by fov, in the batch dtype
+        self._lenient_stores: dict[int, ts.TensorStore] = {}  # the same, filling missing chunks
+        self._key_formats: dict[int, tuple[str, str, np.ndarray]] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_context"] = None
+        state["_contexts"] = {}
         state["_raw"] = {}
         state["_stores"] = {}
+        state["_lenient_stores"] = {}
+        state["_key_formats"] = {}
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -214,39 +247,63 @@ class PatchReader:
         self._reset()
 
     # ------------------------------------------------------------------ stores
-    def _raw_store(self, fov: int) -> ts.TensorStore:
-        """The FOV's array as stored (native dtype), opened read-only once per process."""
+    def _context(self, limits: RemoteLimits | None) -> ts.Context:
+        """The shared Context (chunk cache, thread pools), with `limits`' retry policy for remote stores."""
+        context = self._contexts.get(limits)
+        if context is None:
+            spec = {
+                "cache_pool": {"total_bytes_limit": int(self.cache_pool_bytes)},
+                "data_copy_concurrency": {"limit": self.concurrency},
+                "file_io_concurrency": {"limit": max(4, 4 * self.concurrency)},
+            }
+            context = self._contexts[limits] = ts.Context({**spec, **(limits.context_spec() if limits else {})})
+        return context
+
+    def _raw_store(self, fov: int, lenient: bool = False) -> ts.TensorStore:
+        """The FOV's array as stored (native dtype), opened read-only once per process.
+
+        A local store is opened without filling missing chunks unless `lenient` (or `strict`): a
+        missing chunk then fails the read, and the reader checks the chunk files before reading
+        again leniently, so a folder at a chunk path cannot read as the fill value.
+        """
         if self._pid != os.getpid():
             self._reset()
-        store = self._raw.get(fov)
+        limits = self._limits[fov]
+        fill = not self.strict and (lenient or limits is not None)
+        store = self._raw.get((fov, fill))
         if store is None:
-            if self._context is None:
-                self._context = ts.Context({
-                    "cache_pool": {"total_bytes_limit": int(self.cache_pool_bytes)},
-                    "data_copy_concurrency": {"limit": self.concurrency},
-                    "file_io_concurrency": {"limit": max(4, 4 * self.concurrency)},
-                })
             row = self._fovs.iloc[fov]
             spec = {"driver": "zarr" if int(row.zarr_format) == 2 else "zarr3", "kvstore": row.url}
-            if self.strict:
+            if not fill:
                 spec["fill_missing_data_reads"] = False
+            future = ts.open(spec, read=True, open=True, context=self._context(limits))
             try:
-                store = ts.open(spec, read=True, open=True, context=self._context).result()
+                store = future.result(timeout=None if limits is None else limits.timeout_s)
+            except TimeoutError:
+                future.cancel()
+                raise PatchReadError(
+                    f"Experiment '{row.experiment}', FOV {row.fov_name}: cannot open {row.url}: no answer within "
+                    f"remote timeout_s={limits.timeout_s:g} s; check that the server is reachable, or raise "
+                    "'remote: {timeout_s: ...}' in the collection YAML (reader option remote=)"
+                ) from None
             except Exception as err:
                 raise PatchReadError(
                     f"Experiment '{row.experiment}', FOV {row.fov_name}: cannot open {row.url}: {err}"
                 ) from None
-            self._raw[fov] = store
+            self._raw[(fov, fill)] = store
         return store
 
-    def _store(self, fov: int) -> ts.TensorStore:
+    def _store(self, fov: int, lenient: bool = False) -> ts.TensorStore:
         """The FOV's array in the batch dtype (promoted on read when the experiment stores another)."""
-        store = self._stores.get(fov) if self._pid == os.getpid() else None
+        if self._pid != os.getpid():
+            self._reset()
+        stores = self._lenient_stores if lenient else self._stores
+        store = stores.get(fov)
         if store is None:
-            store = self._raw_store(fov)
+            store = self._raw_store(fov, lenient)
             if store.dtype.numpy_dtype != self.dtype:
                 store = ts.cast(store, self.dtype)
-            self._stores[fov] = store
+            stores[fov] = store
         return store
 
     @property
@@ -258,9 +315,9 @@ class PatchReader:
         """(B, 3) read box (Z, Y, X) of each sample: its experiment's (`index.exp_box`), or the crop."""
         return self._fov_box[boxes.fov]
 
-    def _views(self, boxes: ReadBoxes) -> list[ts.TensorStore]:
+    def _views(self, boxes: ReadBoxes, lenient: bool = False) -> list[ts.TensorStore]:
         return [
-            self._store(f)[t, list(c), z0 : z0 + z, y0 : y0 + y, x0 : x0 + x].translate_to[0]
+            self._store(f, lenient)[t, list(c), z0 : z0 + z, y0 : y0 + y, x0 : x0 + x].translate_to[0]
             for f, t, z0, y0, x0, c, (z, y, x) in zip(
                 boxes.fov.tolist(), boxes.t.tolist(), boxes.z.tolist(), boxes.y.tolist(), boxes.x.tolist(),
                 boxes.channels.tolist(), self.box_shapes(boxes).tolist(),
@@ -276,17 +333,21 @@ class PatchReader:
 
     def submit(self, plan: BatchPlan) -> PendingRead:
         """Issue every read of a plan (anchors and positives together) and return at once."""
-        views = self._views(plan.anchor_boxes)
+        pending = self._issue(plan)
+        self._count(plan)
+        return pending
+
+    def _issue(self, plan: BatchPlan, lenient: bool = False) -> PendingRead:
+        views = self._views(plan.anchor_boxes, lenient)
         shapes = self.box_shapes(plan.anchor_boxes)
         if plan.fit:
-            views += self._views(plan.positive_boxes)
+            views += self._views(plan.positive_boxes, lenient)
             shapes = np.concatenate([shapes, self.box_shapes(plan.positive_boxes)])
         unique, which = np.unique(shapes, axis=0, return_inverse=True)
         groups = [np.flatnonzero(which.ravel() == g) for g in range(len(unique))]
         with ts.Batch() as batch:
             futures = [ts.stack([views[i] for i in members.tolist()]).read(batch=batch) for members in groups]
-        self._count(plan)
-        return PendingRead(self, plan, list(zip(groups, futures)), self.plan_bytes(plan), views)
+        return PendingRead(self, plan, list(zip(groups, futures)), self.plan_bytes(plan), views, lenient)
 
     def read(self, plan: BatchPlan) -> Patches:
         """The plan's patches, read now."""
@@ -315,6 +376,91 @@ class PatchReader:
             if not pending:
                 return
             yield pending.popleft().result()
+
+    # ------------------------------------------------------------------ bounded waits
+    def _deadline(self, plan: BatchPlan) -> float | None:
+        """When waiting for a plan's reads must end (time.monotonic()): its remote FOVs' largest
+        timeout from now; None when it reads local stores only."""
+        fovs = np.unique(np.concatenate([b.fov for b in self._box_sets(plan)])).tolist()
+        timeouts = [limits.timeout_s for f in fovs if (limits := self._limits[f]) is not None]
+        return time.monotonic() + max(timeouts) if timeouts else None
+
+    def _reads_local(self, plan: BatchPlan) -> bool:
+        """Whether a plan reads any local store."""
+        return any(self._limits[f] is None for f in np.unique(np.concatenate([b.fov for b in self._box_sets(plan)])).tolist())
+
+    @staticmethod
+    def _wait(future: ts.Future, deadline: float | None) -> np.ndarray:
+        """The future's result, waiting until `deadline` at most (TimeoutError after it)."""
+        return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    def _timeout_error(self, plan: BatchPlan) -> PatchReadError:
+        """The error of a plan whose remote reads outlived their deadline, naming its remote stores."""
+        fovs = np.unique(np.concatenate([b.fov for b in self._box_sets(plan)])).tolist()
+        remote = [f for f in fovs if self._limits[f] is not None]
+        names = "; ".join(
+            f"Experiment '{row.experiment}', FOV {row.fov_name} ({row.url})"
+            for row in (self._fovs.iloc[f] for f in remote[:3])
+        ) + (f" and {len(remote) - 3} more FOVs" if len(remote) > 3 else "")
+        timeout = max(self._limits[f].timeout_s for f in remote)
+        return PatchReadError(
+            f"{names}: the step's reads got no complete answer within remote timeout_s={timeout:g} s; check that "
+            "the server is reachable, or raise 'remote: {timeout_s: ...}' in the collection YAML (reader option "
+            "remote=)"
+        )
+
+    @staticmethod
+    def _box_sets(plan: BatchPlan) -> list[ReadBoxes]:
+        return [plan.anchor_boxes] + ([plan.positive_boxes] if plan.fit else [])
+
+    # ------------------------------------------------------------------ chunk files
+    def _chunk_path(self, fov: int, chunk: np.ndarray) -> str:
+        """The file holding chunk `chunk` (grid index, TCZYX) of a local FOV: the chunk's, or its shard's."""
+        fmt = self._key_formats.get(fov)
+        if fmt is None:
+            meta = self._raw_store(fov, lenient=True).spec(retain_context=False).to_json()["metadata"]
+            if int(meta.get("zarr_format", 2)) == 2:
+                prefix, sep, grid = "", meta.get("dimension_separator", "."), self._chunks[fov]
+            else:
+                encoding = meta.get("chunk_key_encoding", {"name": "default"})
+                default = encoding.get("name") == "default"
+                sep = encoding.get("configuration", {}).get("separator", "/" if default else ".")
+                prefix = "c" + sep if default else ""
+                grid = np.asarray(meta["chunk_grid"]["configuration"]["chunk_shape"], np.int64)
+            fmt = self._key_formats[fov] = (prefix, sep, grid)
+        prefix, sep, grid = fmt
+        key = prefix + sep.join(str(int(i)) for i in (chunk * self._chunks[fov]) // grid)
+        return os.path.join(local_path(self._fovs.url.iloc[fov]), key)
+
+    def _chunk_file_problem(self, fov: int, chunk: np.ndarray) -> str | None:
+        """What is wrong with the file of a chunk of a local FOV ("a folder", ...), or None (a file, or missing)."""
+        if self._limits[fov] is not None:
+            return None
+        path = self._chunk_path(fov, chunk)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            return "a folder" if os.path.isdir(path) else "not a regular file"
+        return None
+
+    def _check_chunk_files(self, plan: BatchPlan) -> None:
+        """Raise a PatchReadError naming the box when a chunk (or shard) path the plan reads in a local
+        store exists but is not a regular file (a folder): tensorstore would read it as missing."""
+        seen: set[tuple[int, ...]] = set()
+        for role, boxes in zip(("anchor", "positive"), self._box_sets(plan)):
+            touched = chunk_overlaps(boxes, self.box_shapes(boxes), self._chunks)
+            n_c = boxes.channels.shape[1]
+            for owner, index in zip(touched.owner.tolist(), touched.index):
+                fov = int(touched.fov[owner])
+                key = (fov, *index.tolist())
+                if key in seen:
+                    continue
+                seen.add(key)
+                if what := self._chunk_file_problem(fov, index):
+                    where, box = self._box_label(role, boxes, owner // n_c)
+                    path = self._chunk_path(fov, index)
+                    raise PatchReadError(
+                        f"{where}: {box}: chunk file {path} is {what}, so it cannot be read (not even as the fill "
+                        "value); restore the chunk file from the original store, or delete it to mean 'fill value'"
+                    )
 
     # ------------------------------------------------------------------ accounting and errors
     def _count(self, plan: BatchPlan) -> None:
@@ -347,12 +493,17 @@ class PatchReader:
         boxes = [("anchor", plan.anchor_boxes)] + ([("positive", plan.positive_boxes)] if plan.fit else [])
         with ts.Batch() as batch:
             futures = [view.read(batch=batch) for view in views]
+        deadline = self._deadline(plan)
         data: list[np.ndarray | None] = [None] * len(views)
         bad = np.zeros(n, dtype=bool)
         reasons: list[tuple[int, str]] = []
         for k, future in enumerate(futures):
             try:
-                data[k] = future.result()
+                data[k] = self._wait(future, deadline)
+            except TimeoutError:
+                for f in futures:
+                    f.cancel()
+                raise self._timeout_error(plan) from None
             except Exception as box_err:
                 role, b = boxes[k // n]
                 j = k % n
@@ -396,11 +547,16 @@ class PatchReader:
     def _raise_for_box(self, plan: BatchPlan, views: list, err: Exception) -> None:
         """Find the first box whose read fails and raise a PatchReadError naming it."""
         boxes = [("anchor", plan.anchor_boxes)] + ([("positive", plan.positive_boxes)] if plan.fit else [])
+        deadline = self._deadline(plan)
         i = 0
         for role, b in boxes:
             for j, (z, y, x) in enumerate(self.box_shapes(b).tolist()):
+                future = views[i].read()
                 try:
-                    views[i].read().result()
+                    self._wait(future, deadline)
+                except TimeoutError:
+                    future.cancel()
+                    raise self._timeout_error(plan) from None
                 except Exception as box_err:
                     row = self._fovs.iloc[int(b.fov[j])]
                     raise PatchReadError(
@@ -410,6 +566,14 @@ class PatchReader:
                     ) from None
                 i += 1
         raise PatchReadError(f"reading a plan of {len(plan)} anchors failed: {err}") from None
+
+
+def _index_limits(index: LineageIndex, exp: int) -> RemoteLimits:
+    """Experiment `exp`'s remote limits as the index recorded them (defaults for an index without them)."""
+    row = index.experiments.iloc[exp]
+    kwargs = {f.name: getattr(row, f"remote_{f.name}") for f in dataclasses.fields(RemoteLimits)
+              if f"remote_{f.name}" in index.experiments}
+    return RemoteLimits(**{k: int(v) if k == "retries" else float(v) for k, v in kwargs.items()})
 
 
 @dataclass

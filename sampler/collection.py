@@ -77,6 +77,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
 
+class RemoteEntry(_Strict):
+    """Bounds on remote (http, gcs, s3) reads (`sampler.kvstore.RemoteLimits`); unset keys keep the
+    collection's value, else the default."""
+
+    timeout_s: Positive | None = Field(None, description="seconds any one wait may take, retries included (default 30)")
+    retries: Annotated[int, Field(ge=0)] | None = Field(None, description="retries of a transient failure, a whole "
+                                                                          "number >= 0 (default 4)")
+    retry_delay_s: Positive | None = Field(None, description="first delay between retries, seconds (default 0.5)")
+    retry_max_delay_s: Positive | None = Field(None, description="longest delay between retries, seconds, >= "
+                                                                 "retry_delay_s (default 4)")
+
+
 class ChannelRef(_Strict):
     """The mapping form's long value: `{label: {name, wells}}`."""
 
@@ -134,6 +146,8 @@ class ExperimentEntry(_Strict):
     exclude_fovs: list[FovName] | None = Field(None, description="drop these FOVs (e.g. [B/3/0])")
     pixel_size_xy_um: Positive | None = Field(None, description="microns per pixel in Y and X, a number > 0")
     pixel_size_z_um: Positive | None = Field(None, description="microns per Z slice, a number > 0")
+    remote: RemoteEntry | None = Field(None, description="bounds on this experiment's remote reads (over the "
+                                                         "collection's)")
     # the reference's bookkeeping: accepted, checked for type, not used here
     marker: str = Field("", description="the reference's deprecated experiment-level marker (not used)")
     organelle: str = Field("", description="bookkeeping (not used)")
@@ -209,6 +223,8 @@ class CollectionModel(_Strict):
                                                         "tracks_path")
     name: str = Field("", description="the collection's name")
     description: str = Field("", description="free text")
+    remote: RemoteEntry | None = Field(None, description="bounds on remote reads: timeout_s, retries, retry_delay_s, "
+                                                         "retry_max_delay_s")
     provenance: dict[str, Any] | None = Field(None, description="the reference's provenance record (not used)")
     fov_records: list[Any] = Field([], description="the reference's per-FOV records (not used)")
 
@@ -380,7 +396,17 @@ def _unknown_key_hint(key: Any, loc: tuple[Any, ...]) -> str:
         if key in top:
             return f"'{key}' is a collection-level field: move it to the top of the file"
         return _suggest(key, exp)
-    return _suggest(key, ["name", "marker", "wells"])
+    return _suggest(key, sorted({f for m in _models_at(loc[:-1]) for f in m.model_fields}))
+
+
+def _models_at(loc: tuple[Any, ...]) -> list[type[BaseModel]]:
+    """The models a validation location can name: the field names along it, from the collection down."""
+    models: list[type[BaseModel]] = [CollectionModel]
+    for item in loc:
+        inner = [m for model in models if isinstance(item, str) and item in model.model_fields
+                 for m in _models_in(model.model_fields[item].annotation)]
+        models = inner or models  # list indices, dict keys and union tags stay at the same models
+    return models
 
 
 def _problem(error: dict[str, Any], info: FieldInfo | None, field: str) -> tuple[str, str]:

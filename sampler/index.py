@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from sampler.atomic import INDEX_NPZ, atomic_output, check_target
+from sampler.kvstore import RemoteReadError
 from sampler.lineage import LineageCycleError, build_forest
 from sampler.norm import fov_norm_table
 from sampler.plate import check_channel_count, read_fovs
@@ -194,11 +195,16 @@ class LineageIndex:
                      interval_minutes=exp.interval_minutes, start_hpi=exp.start_hpi,
                      tau_min=tau_min, tau_max=tau_max, depth=z1 - z0, z_start=box_z0, box_z=box_z,
                      box_y=box_y, box_x=box_x, scale_z=scale_z, scale_y=scale_y, scale_x=scale_x,
-                     storage_dtype=dtype.str)
+                     storage_dtype=dtype.str,
+                     **{f"remote_{k}": v for k, v in asdict(exp.remote).items()})
             )
             names = registry.selected_fovs(exp.name)
             plate = registry.plates[exp.name]
-            for fov in read_fovs(plate, names, threads=threads):
+            try:
+                fov_metas = read_fovs(plate, names, threads=threads)
+            except RemoteReadError as err:
+                raise RemoteReadError(f"Experiment '{exp.name}': {err}") from None
+            for fov in fov_metas:
                 if fov.channel_names != registry.zarr_channels[exp.name]:
                     raise ValueError(
                         f"Experiment '{exp.name}', FOV {fov.name}: channel names {fov.channel_names} differ "
@@ -244,7 +250,9 @@ class LineageIndex:
         if fovs.empty:
             raise ValueError("No FOVs selected in any experiment: check perturbation_wells and include/exclude lists")
 
-        columns = read_tracks(list(zip(fovs.tracks_path, fovs.fov_name)), threads=threads, progress=progress)
+        limits = [registry[name].remote for name in fovs.experiment]
+        columns = read_tracks(list(zip(fovs.tracks_path, fovs.fov_name, limits, fovs.experiment)), threads=threads,
+                              progress=progress)
         fovs = fovs.drop(columns="tracks_path")
         counts = np.array([len(c["t"]) for c in columns])
         raw = {k: np.concatenate([c[k] for c in columns]) for k in columns[0]}

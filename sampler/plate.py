@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from sampler.kvstore import join, read_json, to_url
+from sampler.kvstore import RemoteLimits, join, read_json, to_url
 
 _V2_DTYPES = {"|u1": "uint8", "|i1": "int8", "|b1": "bool"}
 
@@ -45,12 +45,16 @@ class FovMeta:
 
 @dataclass(frozen=True)
 class PlateMeta:
-    """A plate: NGFF version, attributes (focus_slice, ...), wells and their FOV names."""
+    """A plate: NGFF version, attributes (focus_slice, ...), wells and their FOV names.
+
+    `limits` bound its remote metadata reads (`read_fov` reads with them too).
+    """
 
     url: str
     version: str
     attrs: dict[str, Any] = field(repr=False)
     fovs_by_well: dict[str, list[str]]
+    limits: RemoteLimits = RemoteLimits()
 
     @property
     def wells(self) -> list[str]:
@@ -61,16 +65,16 @@ class PlateMeta:
         return [f"{w}/{f}" for w, fovs in self.fovs_by_well.items() for f in fovs]
 
 
-def _group_attrs(url: str) -> tuple[dict[str, Any], int] | None:
+def _group_attrs(url: str, limits: RemoteLimits) -> tuple[dict[str, Any], int] | None:
     """Attributes of a group (OME keys merged with top-level keys) and its zarr format."""
-    v3 = read_json(url, "zarr.json")
+    v3 = read_json(url, "zarr.json", limits)
     if v3 is not None:
         raw = dict(v3.get("attributes", {}))
         zarr_format = 3
     else:
-        raw = read_json(url, ".zattrs")
+        raw = read_json(url, ".zattrs", limits)
         if raw is None:
-            if read_json(url, ".zgroup") is None:
+            if read_json(url, ".zgroup", limits) is None:
                 return None
             raw = {}
         zarr_format = 2
@@ -80,10 +84,13 @@ def _group_attrs(url: str) -> tuple[dict[str, Any], int] | None:
     return raw, zarr_format
 
 
-def read_plate(path: str) -> PlateMeta:
-    """Plate, well and FOV listing from metadata (`plate.wells[].path`, `well.images[].path`)."""
+def read_plate(path: str, limits: RemoteLimits = RemoteLimits()) -> PlateMeta:
+    """Plate, well and FOV listing from metadata (`plate.wells[].path`, `well.images[].path`).
+
+    Remote reads are bounded by `limits` (RemoteReadError naming the URL when one fails).
+    """
     url = to_url(path)
-    found = _group_attrs(url)
+    found = _group_attrs(url, limits)
     if found is None:
         raise FileNotFoundError(f"{path}: no OME-Zarr group here (no zarr.json, .zattrs or .zgroup)")
     attrs, zarr_format = found
@@ -94,7 +101,7 @@ def read_plate(path: str) -> PlateMeta:
     well_paths = [str(w["path"]).strip("/") for w in plate["wells"]]
 
     def well_images(well: str) -> list[str]:
-        got = _group_attrs(join(url, well))
+        got = _group_attrs(join(url, well), limits)
         if got is None:
             raise FileNotFoundError(f"{path}: well {well} is listed in the plate but has no metadata")
         images = got[0].get("well", {}).get("images", [])
@@ -102,18 +109,18 @@ def read_plate(path: str) -> PlateMeta:
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         images = list(pool.map(well_images, well_paths))
-    return PlateMeta(url=url, version=version, attrs=attrs, fovs_by_well=dict(zip(well_paths, images)))
+    return PlateMeta(url=url, version=version, attrs=attrs, fovs_by_well=dict(zip(well_paths, images)), limits=limits)
 
 
-def _array_meta(url: str) -> ArrayMeta:
-    v3 = read_json(url, "zarr.json")
+def _array_meta(url: str, limits: RemoteLimits) -> ArrayMeta:
+    v3 = read_json(url, "zarr.json", limits)
     if v3 is not None:
         chunks = tuple(v3["chunk_grid"]["configuration"]["chunk_shape"])
         for codec in v3.get("codecs", []):
             if codec.get("name") == "sharding_indexed":
                 chunks = tuple(codec["configuration"]["chunk_shape"])
         return ArrayMeta(url, 3, tuple(v3["shape"]), np.dtype(v3["data_type"]), chunks, v3.get("fill_value"))
-    v2 = read_json(url, ".zarray")
+    v2 = read_json(url, ".zarray", limits)
     if v2 is None:
         raise FileNotFoundError(f"{url}: no zarr array here (no zarr.json or .zarray)")
     dtype = np.dtype(_V2_DTYPES.get(v2["dtype"], v2["dtype"]))
@@ -123,13 +130,13 @@ def _array_meta(url: str) -> ArrayMeta:
 def read_fov(plate: PlateMeta, name: str) -> FovMeta:
     """Attributes and full-resolution array metadata of one FOV of `plate`."""
     url = join(plate.url, name)
-    found = _group_attrs(url)
+    found = _group_attrs(url, plate.limits)
     if found is None:
         raise FileNotFoundError(f"{plate.url}: FOV {name} is listed in its well but has no metadata")
     attrs = found[0]
     multiscales = attrs.get("multiscales") or [{}]
     datasets = multiscales[0].get("datasets") or [{"path": "0"}]
-    array = _array_meta(join(url, str(datasets[0]["path"])))
+    array = _array_meta(join(url, str(datasets[0]["path"])), plate.limits)
     if len(array.shape) != 5:
         raise ValueError(f"{url}: expected a 5-D TCZYX array, got shape {array.shape}")
     return FovMeta(name=name, url=url, attrs=attrs, array=array)

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+
 import difflib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from sampler.collection import CollectionError, ExperimentEntry, read_collection
-from sampler.kvstore import is_local, local_path, to_url
+from sampler.collection import CollectionError, ExperimentEntry, RemoteEntry, read_collection
+from sampler.kvstore import RemoteLimits, RemoteReadError, is_local, local_path, to_url
 from sampler.plate import FovMeta, PlateMeta, check_channel_count, read_fov, read_plate
 
 
@@ -48,6 +49,8 @@ class Experiment:
     pixel_size_xy_um: float | None = None
     pixel_size_z_um: float | None = None
     origin: str = ""
+    #: bounds on its remote reads (YAML `remote:`, collection level, then experiment level)
+    remote: RemoteLimits = RemoteLimits()
 
     def perturbation_of(self, well: str) -> str:
         for label, wells in self.perturbation_wells.items():
@@ -60,8 +63,10 @@ class Experiment:
         return f"{self.origin or f'experiment {self.name!r}'}.{field_path}"
 
     @classmethod
-    def from_entry(cls, entry: ExperimentEntry, base_dir: str, datasets_root: str | None, origin: str) -> "Experiment":
-        """An Experiment from a validated YAML entry; relative paths are resolved against `base_dir`."""
+    def from_entry(cls, entry: ExperimentEntry, base_dir: str, datasets_root: str | None, origin: str,
+                   remote: RemoteLimits = RemoteLimits()) -> "Experiment":
+        """An Experiment from a validated YAML entry; relative paths are resolved against `base_dir`;
+        its `remote:` keys replace those of `remote` (the collection's limits)."""
 
         def resolve(p: str) -> str:
             if datasets_root is not None:
@@ -76,7 +81,18 @@ class Experiment:
             include_wells=list(entry.include_wells or []), exclude_wells=list(entry.exclude_wells or []),
             include_fovs=list(entry.include_fovs or []), exclude_fovs=list(entry.exclude_fovs or []),
             pixel_size_xy_um=entry.pixel_size_xy_um, pixel_size_z_um=entry.pixel_size_z_um, origin=origin,
+            remote=remote_limits(remote, entry.remote, f"{origin}.remote"),
         )
+
+
+def remote_limits(limits: RemoteLimits, entry: RemoteEntry | None, where: str) -> RemoteLimits:
+    """`limits` with the keys a YAML `remote:` entry sets; a contradiction (max delay < delay) names `where`."""
+    if entry is None:
+        return limits
+    try:
+        return replace(limits, **entry.model_dump(exclude_none=True))
+    except ValueError as err:
+        raise CollectionError(where, str(err), "set retry_max_delay_s >= retry_delay_s") from None
 
 
 class ExperimentRegistry:
@@ -152,8 +168,9 @@ class ExperimentRegistry:
         """Read and validate a collection YAML (`sampler.collection`); `settings` are the Z options of the constructor."""
         model = read_collection(path)
         base = str(Path(path).resolve().parent)
+        remote = remote_limits(RemoteLimits(), model.remote, f"{os.fspath(path)}: remote")
         experiments = [Experiment.from_entry(e, base, model.datasets_root, f"{os.fspath(path)}: experiments[{i}] "
-                                                                          f"(name {e.name!r})")
+                                                                          f"(name {e.name!r})", remote)
                        for i, e in enumerate(model.experiments)]
         return cls(experiments, model.channels, **settings)
 
@@ -171,7 +188,9 @@ class ExperimentRegistry:
             raise CollectionError(exp.where("data_path"), f"does not exist: {exp.data_path}",
                                   "fix data_path (a relative path is resolved against the YAML's folder)")
         try:
-            plate = read_plate(exp.data_path)
+            plate = read_plate(exp.data_path, exp.remote)
+        except RemoteReadError as err:
+            raise RemoteReadError(f"Experiment '{exp.name}': {err}") from None
         except (FileNotFoundError, ValueError) as err:
             raise CollectionError(exp.where("data_path"), str(err),
                                   "data_path must be an OME-Zarr HCS plate: the folder holding the plate's zarr.json "
@@ -193,7 +212,10 @@ class ExperimentRegistry:
                 raise CollectionError(exp.where(field_path), "leaves no FOV to read",
                                       "this experiment's perturbation_wells and include/exclude lists select nothing: "
                                       "widen them, or remove the experiment")
-        fov = read_fov(plate, _selection(exp, plate.fov_names)[-1][1][0])
+        try:
+            fov = read_fov(plate, _selection(exp, plate.fov_names)[-1][1][0])
+        except RemoteReadError as err:
+            raise RemoteReadError(f"Experiment '{exp.name}': {err}") from None
         zarr_channels = fov.channel_names
         missing = [src.zarr_name for src in exp.channels.values() if src.zarr_name not in zarr_channels]
         if missing:

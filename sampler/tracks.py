@@ -10,10 +10,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import tensorstore as ts
 from sampler.progress import tqdm
 
-from sampler.kvstore import is_local, join, local_path, to_url
+from sampler.kvstore import RemoteLimits, RemoteReadError, is_local, join, list_remote, local_path, read_remote, to_url
 
 REQUIRED = ("track_id", "t", "y", "x")
 OPTIONAL_INT = ("z", "id", "parent_track_id", "parent_id")
@@ -21,15 +20,16 @@ OPTIONAL_INT = ("z", "id", "parent_track_id", "parent_id")
 MISSING = {"z": 0, "id": -1, "parent_track_id": -1, "parent_id": -1}
 
 
-def find_csv(tracks_path: str, fov_name: str) -> tuple[str, bytes]:
-    """The one CSV of an FOV (its name and bytes); none or several is an error naming the folder."""
+def find_csv(tracks_path: str, fov_name: str, limits: RemoteLimits = RemoteLimits()) -> tuple[str, bytes]:
+    """The one CSV of an FOV (its name and bytes); none or several is an error naming the folder.
+
+    Remote listings and reads are bounded by `limits`."""
     url = join(to_url(tracks_path), fov_name)
     if is_local(url):
         folder = local_path(url)
         names = sorted(n for n in os.listdir(folder) if n.endswith(".csv")) if os.path.isdir(folder) else []
     else:
-        kv = ts.KvStore.open(url).result()
-        names = sorted(k.decode() for k in kv.list().result() if k.endswith(b".csv") and b"/" not in k)
+        names = sorted(k for k in list_remote(url, limits) if k.endswith(".csv"))
     if not names:
         raise FileNotFoundError(
             f"No tracking CSV in {url} (FOV {fov_name}); put its tracks CSV there or list the FOV in the "
@@ -42,7 +42,10 @@ def find_csv(tracks_path: str, fov_name: str) -> tuple[str, bytes]:
     if is_local(url):
         with open(os.path.join(local_path(url), names[0]), "rb") as f:
             return url + names[0], f.read()
-    return url + names[0], bytes(ts.KvStore.open(url).result().read(names[0]).result().value)
+    raw = read_remote(url, names[0], limits)
+    if raw is None:
+        raise FileNotFoundError(f"{url}{names[0]} was listed but cannot be read (FOV {fov_name})")
+    return url + names[0], raw
 
 
 def parse_tracks(source: str, raw: bytes) -> dict[str, np.ndarray]:
@@ -140,12 +143,17 @@ def _parse_slow(source: str, col: str, values: pd.Series) -> np.ndarray:
 
 
 def read_tracks(
-    jobs: list[tuple[str, str]], threads: int = 8, progress: bool = True
+    jobs: list[tuple[str, str, RemoteLimits, str]], threads: int = 8, progress: bool = True
 ) -> list[dict[str, np.ndarray]]:
-    """Columns of each (tracks_path, fov_name) job, read concurrently with a progress bar."""
+    """Columns of each (tracks_path, fov_name, remote limits, experiment) job, read concurrently with a
+    progress bar; a remote failure names the experiment."""
 
-    def one(job: tuple[str, str]) -> dict[str, np.ndarray]:
-        source, raw = find_csv(*job)
+    def one(job: tuple[str, str, RemoteLimits, str]) -> dict[str, np.ndarray]:
+        tracks_path, fov_name, limits, experiment = job
+        try:
+            source, raw = find_csv(tracks_path, fov_name, limits)
+        except RemoteReadError as err:
+            raise RemoteReadError(f"Experiment '{experiment}', tracks of FOV {fov_name}: {err}") from None
         return parse_tracks(source, raw)
 
     with ThreadPoolExecutor(max_workers=threads) as pool:

@@ -188,7 +188,7 @@ def test_a_few_anchors_and_merge_keys_still_load(tmp_path, exp):
     # anchors kept under a key of their own: an unknown key, with the known ones listed
     path, message = error_of(tmp_path, "defaults: &d {interval_minutes: 30}\n" + text)
     assert message == f"{path}: defaults: unknown field; remove it; known fields: experiments, channels, " \
-                      "datasets_root, name, description, provenance, fov_records"
+                      "datasets_root, name, description, remote, provenance, fov_records"
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -122,6 +122,60 @@ def test_missing_chunk_reads_fill_value_and_fails_in_strict_mode(tmp_path):
         PatchReader(index, strict=True).read(plan)
 
 
+@pytest.mark.parametrize("layout, key", [
+    # zarr v2, one chunk per (t, c, z) plane: t=0, channel 0, slice z0
+    (dict(version="0.4", chunks=(1, 1, 1, 64, 64)), "0/0/{z0}/0/0"),
+    # zarr v3 sharded: the shard of t=0, channel 0 holds every slice
+    (dict(version="0.5", chunks=(1, 1, 1, 32, 32), shards=(1, 1, 3, 64, 64)), "c/0/0/0/0/0"),
+], ids=["0.4-chunk", "0.5-shard"])
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "cached"])
+def test_a_folder_at_a_chunk_or_shard_path_is_an_error_naming_the_box(tmp_path, layout, key, cached):
+    from dali_pipeline.cached_reader import CachedPatchReader, ChunkStore
+
+    index = build(tmp_path, **layout)
+    fov = int(np.flatnonzero(index.fovs.experiment == "a")[0])
+    rows = np.flatnonzero((index.column("fov") == fov) & (index.column("t") == 0))[:1]
+    plan = make_plan(index, rows, None, predict=True)
+    victim = Path(index.fovs.url[fov][len("file://"):]) / key.format(z0=int(plan.anchor_boxes.z[0]))
+    assert victim.is_file()
+    victim.unlink()
+    victim.mkdir()  # tensorstore's file kvstore reports a folder as a missing key
+    (victim / "stray").write_bytes(b"x")
+
+    def reader() -> PatchReader:
+        return CachedPatchReader(index, store=ChunkStore(1 << 26)) if cached else PatchReader(index)
+
+    with pytest.raises(PatchReadError, match=(
+        r"Experiment 'a', FOV A/1/0, t=0: anchor box z\[\d+:\d+\] y\[\d+:\d+\] x\[\d+:\d+\] channels \[0, 1\]: "
+        rf"chunk file .*{key.format(z0=int(plan.anchor_boxes.z[0]))} is a folder")):
+        reader().read(plan)
+    # without the folder the chunk is missing, which reads as the fill value (zarr semantics)
+    (victim / "stray").unlink()
+    victim.rmdir()
+    got = reader().read(plan).anchor
+    assert (got[0, 0, 0] == 0).all() and (got[0, 1] != 0).any()
+
+
+def test_a_deleted_chunk_beside_a_truncated_one_still_reads_as_the_fill_value(tmp_path):
+    # local stores are read without filling missing chunks first: the missing one must not be
+    # mistaken for a failure (raised, or skipped) when another chunk of the step is corrupt
+    index = build(tmp_path, version="0.5", chunks=(1, 1, 3, 64, 64))
+    in_b = (index.tracks.experiment == "b").to_numpy()
+    rows = np.concatenate([np.flatnonzero(in_b & (index.column("t") == t))[:2] for t in (3, 4)])
+    plan = make_plan(index, rows, None, predict=True)
+    folder = Path(index.fovs[index.fovs.experiment == "b"].iloc[0].url[len("file://"):])
+    (folder / "c" / "3" / "0" / "0" / "0" / "0").unlink()  # t=3, GFP: fill value
+    truncated = folder / "c" / "4" / "0" / "0" / "0" / "0"  # t=4, GFP: an error
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    with pytest.raises(PatchReadError, match=r"Experiment 'b', FOV A/1/0, t=4: anchor box"):
+        PatchReader(index).read(plan)
+    reader = PatchReader(index, on_read_error="skip", max_skip_fraction=0.5)
+    got = reader.read(plan)
+    assert reader.stats.skipped == 2
+    np.testing.assert_array_equal(got.plan.anchor_rows, rows[[0, 1, 0, 0]])  # the next good sample, cyclically
+    assert (got.anchor[:, 1] == 0).all() and (got.anchor[:, 0] != 0).any()  # GFP filled, BF read
+
+
 def test_truncated_and_garbage_chunks_name_the_box(tmp_path):
     index = build(tmp_path, version="0.5", chunks=(1, 1, 3, 64, 64))
     rows = np.flatnonzero((index.tracks.experiment == "b").to_numpy() & (index.column("t") == 3))[:2]
