@@ -26,6 +26,7 @@ parquet or h5ad file, or a .zarr folder carrying this project's marker, is repla
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -169,6 +170,19 @@ def _torch_barrier() -> None:
         torch.distributed.barrier()
 
 
+def _check_parts(parts: Path) -> None:
+    """The ranks' scratch folder is removed after the merge: it may hold only rank parts (an earlier
+    run's), so that a folder of that name with anything else in it is refused, never deleted."""
+    if parts.is_symlink() or (parts.exists() and not parts.is_dir()):
+        raise FileExistsError(f"{parts} exists and is not a folder of prediction parts; move it away or choose "
+                              "another output path")
+    if parts.is_dir():
+        foreign = sorted(p.name for p in parts.iterdir() if not re.fullmatch(r"rank-\d{5}\.parquet", p.name))
+        if foreign:
+            raise FileExistsError(f"{parts} holds {foreign[:3]}{' ...' if len(foreign) > 3 else ''}, not prediction "
+                                  "parts this project wrote; move it away or choose another output path")
+
+
 class EmbeddingTable:
     """Rows of one rank, streamed to a part file; `close()` (on every rank) writes the one output.
 
@@ -201,6 +215,7 @@ class EmbeddingTable:
         self._broadcast = broadcast or _torch_broadcast
         _check_target(self.path, self.format, overwrite)
         self.parts = self.path.parent / f".{self.path.name}.parts"
+        _check_parts(self.parts)
         self.parts.mkdir(exist_ok=True)
         self._part = self.parts / f"rank-{self.rank:05d}.parquet"
         self._writer: pq.ParquetWriter | None = None

@@ -81,6 +81,20 @@ def test_refuses_to_overwrite_unless_asked_and_writes_atomically(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["emb.parquet"]
 
 
+def test_a_foreign_folder_where_the_ranks_put_their_parts_survives(tmp_path):
+    out = tmp_path / "emb.parquet"
+    foreign = tmp_path / ".emb.parquet.parts"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"\.emb\.parquet\.parts holds \['notes\.txt'\], not prediction parts"):
+        write_embeddings(fake_predictions(np.arange(6), 4), out, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine" and not out.exists()
+    (foreign / "notes.txt").unlink()
+    (foreign / "rank-00003.parquet").write_bytes(b"stale")  # an earlier run's part: ours, cleared by the merge
+    check_rows(*read_embeddings(write_embeddings(fake_predictions(np.arange(6), 4), out)), np.arange(6))
+    assert not foreign.exists()
+
+
 def test_prediction_contract_errors():
     with pytest.raises(ValueError, match="no 'index'"):
         prediction_table({"features": torch.zeros(2, 3)})
