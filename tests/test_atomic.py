@@ -194,6 +194,22 @@ def test_stale_temporaries_are_removed_only_when_their_writer_has_ended(tmp_path
     assert remove_stale_temporaries(tmp_path / "other") == [other_dest] and not other_dest.exists()
 
 
+def interrupt_when_ready(code: str, arg: Path, while_running=lambda: None, timeout: float = 60) -> tuple[int, bytes]:
+    """Run `python -c code arg`, wait for its 'ready' line, call `while_running`, send SIGINT (Ctrl-C);
+    its exit status and stderr."""
+    proc = subprocess.Popen([sys.executable, "-c", code, str(arg)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert proc.stdout.readline() == b"ready\n", proc.stderr.read()
+        while_running()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc.returncode, err
+
+
 def test_sigint_in_a_subprocess_removes_the_temporary(tmp_path):
     code = (
         "import sys, time; from pathlib import Path; from sampler.atomic import atomic_directory\n"
@@ -201,16 +217,11 @@ def test_sigint_in_a_subprocess_removes_the_temporary(tmp_path):
         "    for i in range(50): (tmp / f'f{i}').write_bytes(b'x' * 1000)\n"
         "    print('ready', flush=True); time.sleep(60)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert proc.stdout.readline() == b"ready\n"
-        assert any(n.endswith(".tmp") for n in hidden(tmp_path))  # the temporary exists while writing
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+
+    def temporary_exists():
+        assert any(n.endswith(".tmp") for n in hidden(tmp_path))
+
+    _, err = interrupt_when_ready(code, tmp_path / "out", temporary_exists, timeout=30)
     assert b"KeyboardInterrupt" in err
     assert os.listdir(tmp_path) == []
 

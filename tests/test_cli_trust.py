@@ -4,9 +4,6 @@ every CLI error is one line, and an interrupt leaves no temporary folder."""
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +12,7 @@ import pytest
 from dali_pipeline import cli
 from dali_pipeline.cli import main
 from sampler.atomic import MARKER, read_marker
-from test_atomic import foreign_folder, hidden, snapshot
+from test_atomic import foreign_folder, hidden, interrupt_when_ready, snapshot
 from test_cli import collection, csv_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,16 +180,10 @@ def test_sigint_during_make_synthetic_leaves_no_temporary(tmp_path):
         "synthetic._write_fov = held\n"
         "sys.exit(cli.main(['make-synthetic', sys.argv[1]]))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "out")], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
-    try:
-        assert proc.stdout.readline() == b"ready\n", proc.stderr.read()
-        assert hidden(tmp_path)  # the temporary folder exists while writing
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, err
+    def temporary_exists():
+        assert hidden(tmp_path)
+
+    returncode, err = interrupt_when_ready(code, tmp_path / "out", temporary_exists)
+    assert returncode == 130, err
     assert err.decode().splitlines()[-1] == "dynaclr-dali make-synthetic: interrupted"
     assert os.listdir(tmp_path) == []
