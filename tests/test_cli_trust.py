@@ -15,7 +15,6 @@ from sampler.atomic import MARKER, read_marker
 from test_atomic import foreign_folder, hidden, interrupt_when_ready, snapshot
 from test_cli import collection, csv_path
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run(argv, capsys) -> tuple[int, str]:
