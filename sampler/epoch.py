@@ -348,12 +348,15 @@ class TripletSampler:
                 f"fov_shards: the smallest FOV shard holds {int(first.anchors.min())} anchors, fewer than "
                 f"batch_size={B}: an epoch would have no step; lower batch_size, use fewer ranks, or pass "
                 "drop_last=False")
-        dropped = int(first.anchors.sum()) - self._len * B * self.world_size
-        if dropped > 0.1 * self._n:
+        span = B * self.world_size
+        uniform = self._n // span if self.drop_last else -(-self._n // span)
+        extra = (uniform - self._len) * span  # anchors left out beyond a uniform epoch's remainder
+        if extra > 0.1 * self._n:
             warnings.warn(
-                f"fov_shards: {dropped} of {self._n} anchors ({dropped / self._n:.0%}) are left out of each epoch: "
-                f"the shards hold {first.anchors.tolist()} anchors (balanced by chunk bytes, not anchors) and every "
-                f"rank takes {self._len} steps of {B}", stacklevel=3)
+                f"fov_shards leaves {extra} more of the {self._n} anchors ({extra / self._n:.0%}) out of each epoch "
+                f"than a uniform epoch: the shards hold {first.anchors.tolist()} anchors (balanced by chunk bytes, "
+                f"not anchors) and every rank takes {self._len} steps of {B} (uniform: {uniform}); use fewer "
+                "ranks or a smaller batch_size", stacklevel=3)
 
     def period(self, epoch: int | None = None) -> int:
         """The FOV-assignment period of `epoch` (epoch // reshard_every; 0 when never re-assigned)."""

@@ -173,9 +173,18 @@ def test_left_out_anchors_change_every_epoch_and_drop_last_false_fills_the_last_
     assert len(np.unique(got)) == n[small] and len(got) == len(full[small]) * 4
 
 
-def test_more_anchors_left_out_than_a_tenth_warns(index):
-    with pytest.warns(UserWarning, match="left out of each epoch"):
-        TripletSampler(index, 24, seed=3, rank=0, world_size=4, fov_shards=True)
+def test_a_warning_when_sharding_leaves_out_more_than_a_tenth_of_the_anchors(index):
+    n, outcomes = len(index.valid), set()
+    for world, batch in ((2, 4), (3, 8), (3, 16), (4, 4)):
+        anchors = samplers(index, world, batch)[0].shards().anchors
+        extra = (n // (batch * world) - anchors.min() // batch) * batch * world  # beyond the uniform remainder
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            TripletSampler(index, batch, seed=3, rank=0, world_size=world, fov_shards=True)
+        warned = any(f"leaves {extra} more of the {n} anchors" in str(w.message) for w in caught)
+        assert warned == (extra > 0.1 * n)
+        outcomes.add(warned)
+    assert outcomes == {True, False}
 
 
 def test_reshard_every_r_epochs_keeps_the_length_and_the_rank_disjointness(index):
