@@ -59,7 +59,7 @@ Role = Literal["train", "val", "predict"]
 
 #: sampler options that shape training steps only; validation keeps plain, unaugmented epochs
 _TRAIN_ONLY = ("group_by", "group_weights", "leaky", "stratify_by", "temporal_enrichment", "temporal_window_hours",
-               "temporal_global_fraction", "augment", "locality_frames")
+               "temporal_global_fraction", "augment", "locality_frames", "fov_shards", "reshard_every")
 
 
 class EpochSampler:
@@ -176,8 +176,11 @@ class TripletDataModule(pl.LightningDataModule):
         drop_last: for training (validation always keeps every anchor).
         val_batch_size, predict_batch_size: default batch_size.
         sampler_options: TripletSampler options for training (augment, group_by, stratify_by,
-            leaky, temporal_enrichment, label_columns, ...); label_columns applies to validation
-            too, the others to training only.
+            leaky, temporal_enrichment, label_columns, locality_frames, fov_shards, reshard_every, ...);
+            label_columns applies to validation too, the others to training only. `fov_shards=True`
+            gives each rank its own FOVs for training (see docs/sharding.md): a per-rank `cache_bytes`
+            of about 1.1x `train_dataloader().sampler.shards().chunk_bytes[rank]` then holds the rank's
+            working set; validation and predict are not sharded.
         val_augment: an AugmentConfig for validation (default None: unaugmented; its draws are
             keyed by (seed, 0, step, rank), so validation stays the same every epoch).
         device: "auto" (the trainer's device), "cpu" or "gpu".

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 # purposes of the epoch-level generators (spawn keys; see epoch_generator)
-PERMUTATION, GROUP, FOCAL, OFFSET, DRAW, CYCLE = range(6)
+PERMUTATION, GROUP, FOCAL, OFFSET, DRAW, CYCLE, SHARDS = range(7)  # SHARDS: keyed by period, not epoch
 
 
 def epoch_generator(seed: int, epoch: int, purpose: int) -> np.random.Generator:

@@ -20,6 +20,18 @@ remaining anchors split evenly over the ranks, ceil(rest / W) each; the few slot
 With `locality_frames=k` that permutation is drawn in blocks of (fov, t // k) (`sampler.locality`):
 blocks in random order, each shuffled and contiguous; slicing, ranks, drop_last and resume as above.
 
+FOV-sharded epochs (`fov_shards=True`, the documented exception to the prefix rule): the FOVs are
+assigned to the ranks (`sampler.shards`: balanced by the bytes of the chunks their rows' read boxes
+touch, deterministic from (seed, period), period = epoch // reshard_every, or 0 when
+reshard_every is None); rank r's epoch order is the same global permutation (or locality order)
+restricted to its FOVs, so it is a uniform permutation of its own anchors. Every rank takes
+S = min_r floor(n_r / B) steps (ceil with drop_last=False), S fixed by the assignment of period 0
+so that every epoch has the same length; rank r's step s holds positions [s*B, (s+1)*B) of its
+order, modulo n_r. So the anchors of a rank beyond S*B are dropped for that epoch (a new random
+subset each epoch, none carried over), and a rank of a later period with fewer than S*B anchors
+repeats its first ones. Resume: exact at the same world and batch size; at another, the epoch
+finishes under the new world size's assignment from step floor(anchors consumed / (B*W')).
+
 With composition options (`group_by`, `stratify_by`, `temporal_enrichment`) an epoch has
 N // (B*W) full steps (ceil(N / (B*W)) with drop_last=False, still full: draws go on in the
 reshuffled groups and strata), drawn by `sampler.composition` (see there).
@@ -52,10 +64,11 @@ from sampler.augment import AugmentConfig
 from sampler.index import LineageIndex
 from sampler.locality import block_codes, block_order
 from sampler.plan import BatchPlan, make_plan
+from sampler.shards import ShardAssignment, assign_fovs, fov_chunk_bytes
 
 STATE_VERSION = 1
 SEED_LIMIT = 1 << 32  # each key word of the step generator is one uint32 (larger ints would alias)
-_LATER_OPTIONS = dict(locality_frames=None)  # options newer than STATE_VERSION 1, with their "off" value
+_LATER_OPTIONS = dict(locality_frames=None, fov_shards=False, reshard_every=None)  # options newer than STATE_VERSION 1, with their "off" value
 
 
 def step_generator(seed: int, epoch: int, step: int, rank: int) -> np.random.Generator:
@@ -96,6 +109,13 @@ class TripletSampler:
             contiguous, so consecutive steps reuse the image chunks a chunk cache holds. Trade-off:
             batches are correlated (few FOVs and frames per batch, so more similar negatives for
             contrastive learning); plain epochs only (not with composition options or predict).
+        fov_shards: False (default) or True: each rank owns disjoint FOVs, balanced by the bytes of
+            the chunks their rows touch, and draws its anchors (so its positives and chunks) only
+            from them, so the ranks' chunk caches partition the dataset (see the module docstring
+            for steps, dropped anchors and resume). Trade-off: a rank's batch holds negatives from
+            fewer FOVs. Combines with locality_frames; not with composition options or predict.
+        reshard_every: None (default: one assignment for the whole run) or R >= 1: a new assignment
+            every R epochs (epochs pR .. pR + R - 1 share period p's). Needs fov_shards.
 
     State: `epoch` and `step` (steps of the current epoch already consumed). Iterating yields the
     plans from `step` to the end of the epoch and counts each plan handed out as consumed; a loader
@@ -125,6 +145,8 @@ class TripletSampler:
         label_columns: Mapping[str, str] | None = None,
         augment: AugmentConfig | None = None,
         locality_frames: int | None = None,
+        fov_shards: bool = False,
+        reshard_every: int | None = None,
     ) -> None:
         _check_int("batch_size", batch_size, 1)
         _check_int("world_size", world_size, 1)
@@ -172,6 +194,22 @@ class TripletSampler:
             if self.composed:
                 raise ValueError("locality_frames applies to plain epochs only: it cannot combine with "
                                  "group_by, stratify_by or temporal_enrichment")
+        if not isinstance(fov_shards, (bool, np.bool_)):
+            raise ValueError(f"fov_shards must be True or False, got {fov_shards!r}")
+        if reshard_every is not None:
+            _check_int("reshard_every", reshard_every, 1,
+                       message=f"reshard_every must be None or an int >= 1 (epochs per FOV assignment), got "
+                               f"{reshard_every!r}")
+            if not fov_shards:
+                raise ValueError("reshard_every re-assigns the FOV shards: it needs fov_shards=True")
+        if fov_shards:
+            if self.predict:
+                raise ValueError("fov_shards applies to training only: predict covers every row once in index "
+                                 "order; build the predict sampler without fov_shards")
+            if self.composed:
+                raise ValueError("fov_shards cannot combine with group_by, stratify_by or temporal_enrichment "
+                                 "(each global step draws one group for all ranks, across FOV shards): drop "
+                                 "those options or fov_shards")
         self.options = dict(
             group_by=group_cols or None,
             group_weights=None if group_weights is None else {_group_key(k): float(v) for k, v in group_weights.items()},
@@ -180,6 +218,7 @@ class TripletSampler:
             temporal_global_fraction=float(temporal_global_fraction),
             label_columns=None if label_columns is None else dict(label_columns),
             locality_frames=None if locality_frames is None else int(locality_frames),
+            fov_shards=bool(fov_shards), reshard_every=None if reshard_every is None else int(reshard_every),
         )
 
         # labels for auxiliary heads
@@ -230,6 +269,9 @@ class TripletSampler:
         self._lock = threading.Lock()
         self._cache: OrderedDict[int, Any] = OrderedDict()  # epoch -> permutation or EpochDraws
         self._cache_size = 2
+        self._assignments: OrderedDict[int, ShardAssignment] = OrderedDict()  # period -> assignment
+        if fov_shards:
+            self._setup_shards()
 
     def __getstate__(self) -> dict[str, Any]:
         """Picklable (for spawned loader workers): without the lock and the epoch cache."""
@@ -286,6 +328,60 @@ class TripletSampler:
                 f"their rows repeat inside a step: {small[:5]}", stacklevel=3,
             )
         return comp
+
+    # ------------------------------------------------------------------ FOV shards
+    def _setup_shards(self) -> None:
+        """FOV weights, the period-0 assignment and the common step count S (fixed for the run)."""
+        fov_all = self._fov_all = self.index.column("fov").astype(np.int64)
+        self._fov_bytes = fov_chunk_bytes(self.index, self._valid)
+        self._fov_anchors = np.bincount(fov_all[self._valid], minlength=len(self.index.fovs))
+        with_anchors = np.unique(fov_all[self._valid])
+        if len(with_anchors) < self.world_size:
+            raise ValueError(
+                f"fov_shards gives every rank its own FOVs, but only {len(with_anchors)} FOV(s) hold valid anchors "
+                f"for world_size={self.world_size}: use fewer ranks or fov_shards=False")
+        first = self.shards(0)
+        B = self.batch_size
+        self._len = int(first.anchors.min() // B if self.drop_last else -(-first.anchors.min() // B))
+        if self._len == 0:
+            raise ValueError(
+                f"fov_shards: the smallest FOV shard holds {int(first.anchors.min())} anchors, fewer than "
+                f"batch_size={B}: an epoch would have no step; lower batch_size, use fewer ranks, or pass "
+                "drop_last=False")
+        span = B * self.world_size
+        uniform = self._n // span if self.drop_last else -(-self._n // span)
+        extra = (uniform - self._len) * span  # anchors left out beyond a uniform epoch's remainder
+        if extra > 0.1 * self._n:
+            warnings.warn(
+                f"fov_shards leaves {extra} more of the {self._n} anchors ({extra / self._n:.0%}) out of each epoch "
+                f"than a uniform epoch: the shards hold {first.anchors.tolist()} anchors (balanced by chunk bytes, "
+                f"not anchors) and every rank takes {self._len} steps of {B} (uniform: {uniform}); use fewer "
+                "ranks or a smaller batch_size", stacklevel=3)
+
+    def period(self, epoch: int | None = None) -> int:
+        """The FOV-assignment period of `epoch` (epoch // reshard_every; 0 when never re-assigned)."""
+        every = self.options["reshard_every"]
+        epoch = self._epoch if epoch is None else int(epoch)
+        return 0 if every is None else epoch // every
+
+    def shards(self, epoch: int | None = None) -> ShardAssignment:
+        """The FOV assignment of `epoch` (default: the current one), the same on every rank."""
+        if not self.options["fov_shards"]:
+            raise ValueError("shards() describes FOV-sharded epochs: build the sampler with fov_shards=True")
+        period = self.period(epoch)
+        with self._lock:
+            found = self._assignments.get(period)
+            if found is None:
+                owner = assign_fovs(self._fov_bytes, self._fov_anchors, self.world_size,
+                                    epoch_generator(self.seed, period, comp_mod.SHARDS))
+                anchor_owner = owner[self._fov_all[self._valid]]
+                found = ShardAssignment(
+                    owner=owner, chunk_bytes=np.bincount(owner, self._fov_bytes, self.world_size).astype(np.int64),
+                    anchors=np.bincount(anchor_owner, minlength=self.world_size).astype(np.int64))
+                self._assignments[period] = found
+                while len(self._assignments) > self._cache_size:
+                    self._assignments.popitem(last=False)
+            return found
 
     # ------------------------------------------------------------------ sizes and state
     def __len__(self) -> int:
@@ -372,7 +468,14 @@ class TripletSampler:
                 consumed = int(state["anchors_consumed"])
                 span = self.batch_size * self.world_size
                 step = min(consumed // span, self._len)
-                if consumed % span and step < self._len:
+                if self.options["fov_shards"] and 0 < step < self._len and state["world_size"] != self.world_size:
+                    warnings.warn(
+                        f"fov_shards: resuming epoch {epoch} at world_size={self.world_size} (saved at "
+                        f"{state['world_size']}): it finishes from step {step} of {self._len} under this world "
+                        "size's FOV assignment; anchors consumed under the old one may repeat, others are "
+                        "skipped this epoch", stacklevel=2,
+                    )
+                elif consumed % span and step < self._len:
                     warnings.warn(
                         f"resuming with batch_size*world_size={span} after {consumed} anchors consumed at "
                         f"{state['batch_size']}*{state['world_size']}: restarting at step {step}, "
@@ -400,6 +503,9 @@ class TripletSampler:
         if self.composed:
             rows = self._epoch_data(epoch).rows[step]
             rows = rows[rng.permutation(len(rows))]  # strata and leak mixed inside the step
+        elif self.options["fov_shards"]:
+            order = self._epoch_data(epoch)  # this rank's anchors, in epoch order
+            rows = order[(step * self.batch_size + np.arange(self.batch_size)) % len(order)]
         else:
             rows = self._plain_rows(self._epoch_data(epoch), step)
         return rows, rng
@@ -454,7 +560,9 @@ class TripletSampler:
         return int(step)
 
     def _epoch_data(self, epoch: int):
-        """The epoch's permutation (plain) or draws (composed), computed once and cached (last two)."""
+        """The epoch's permutation (plain; this rank's part of it with FOV shards) or draws (composed),
+        computed once and cached (last two)."""
+        owner = self.shards(epoch).owner if self.options["fov_shards"] else None  # outside the lock
         with self._lock:
             data = self._cache.get(epoch)
             if data is not None:
@@ -468,6 +576,8 @@ class TripletSampler:
             else:
                 perm = epoch_generator(self.seed, epoch, comp_mod.PERMUTATION).permutation(self._n)
                 data = self._valid[perm]
+            if owner is not None:  # the global order restricted to this rank's FOVs
+                data = data[owner[self._fov_all[data]] == self.rank]
             self._cache[epoch] = data
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)

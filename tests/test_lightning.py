@@ -323,3 +323,25 @@ def test_gpu_trainer_gets_batches_on_its_gpu_without_a_second_transfer(demo):
                          enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     assert model.batch_devices == {"cuda:0"} and all(model.untouched) and len(model.untouched) == 3
+
+
+def test_fov_shards_apply_to_training_only(demo, monkeypatch):
+    """sampler_options={"fov_shards": True}: rank 1 of 2 trains on its own FOVs; validation and predict are unsharded."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dm = datamodule(demo, sampler_options={"fov_shards": True})
+    dm.setup("fit")
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert (train.sampler.rank, train.sampler.world_size) == (1, 2)
+    assert train.sampler.options["fov_shards"] and not val.sampler.options["fov_shards"]
+    want = TripletSampler(dm.splits.train, BATCH, seed=SEED, rank=1, world_size=2, fov_shards=True)
+    assert len(train) == len(want)
+    rows = want.anchor_rows(0, 0)
+    got = keys(next(iter(train))["anchor_meta"])
+    assert got == list(zip(dm.index.values("global_track_id", rows).astype(str).tolist(),
+                           dm.index.values("t", rows).tolist()))
+    mine = {(e, n) for e, n in dm.index.fovs.loc[want.shards().fovs(1), ["experiment", "fov_name"]].itertuples(index=False)}
+    fovs = set(zip(dm.index.values("experiment", rows).astype(str), dm.index.values("fov_name", rows).astype(str)))
+    assert fovs <= mine
+    dm.setup("predict")
+    assert dm.predict_dataloader().sampler.predict and not dm.predict_dataloader().sampler.options["fov_shards"]
